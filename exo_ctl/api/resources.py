@@ -1,0 +1,223 @@
+"""The API kinds of exo.dev/v1alpha1: ModelDeployment (user-written), Node and Shard (cluster-written)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from exo_ctl.api.meta import API_VERSION, Condition, Frozen, ObjectMeta, Quantity, parse_quantity
+
+DEFAULT_NAMESPACE = "default"
+
+
+# --- ModelDeployment -------------------------------------------------------------------------
+
+class ModelSource(Frozen):
+    source: str = Field(description="hf://org/name, or a local path to a model in Hugging Face layout")
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32", "4bit", "8bit"] | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if value.startswith("hf://"):
+            repo = value[len("hf://"):]
+            if repo.count("/") != 1 or not all(repo.split("/")):
+                raise ValueError(f"{value!r}: an hf:// source is hf://ORG/NAME")
+        elif "://" in value:
+            raise ValueError(f"{value!r}: only hf:// sources and local paths are supported")
+        return value
+
+
+class Placement(Frozen):
+    strategy: Literal["Pack", "Spread"] = "Pack"
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    minNodes: int = Field(default=1, ge=1)
+    maxNodes: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Placement":
+        if self.maxNodes is not None and self.maxNodes < self.minNodes:
+            raise ValueError(f"maxNodes ({self.maxNodes}) must be at least minNodes ({self.minNodes})")
+        return self
+
+
+class Resources(Frozen):
+    memoryHeadroom: Quantity = Field(default="0", description="memory kept free on every node that holds a shard")
+
+    @field_validator("memoryHeadroom")
+    @classmethod
+    def _headroom(cls, value: str | int) -> str | int:
+        parse_quantity(value)
+        return value
+
+    @property
+    def headroom_bytes(self) -> int:
+        return parse_quantity(self.memoryHeadroom)
+
+
+class ModelDeploymentSpec(Frozen):
+    model: ModelSource
+    replicas: int = Field(default=1, ge=0, le=64)
+    placement: Placement = Field(default_factory=Placement)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class ShardSummary(Frozen):
+    replica: int
+    index: int
+    node: str
+    layers: str
+    phase: str
+
+
+class ModelDeploymentStatus(Frozen):
+    observedGeneration: int | None = None
+    readyReplicas: int = 0
+    shards: list[ShardSummary] = Field(default_factory=list)
+    endpoint: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class ModelDeployment(Frozen):
+    KIND: ClassVar[str] = "ModelDeployment"
+    apiVersion: Literal["exo.dev/v1alpha1"] = API_VERSION
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    metadata: ObjectMeta
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus | None = None
+
+
+# --- Node --------------------------------------------------------------------------------------
+
+class NodeSpec(Frozen):
+    nodeId: str
+    address: str
+    apiPort: int
+    raftPort: int
+    dataPort: int | None = None
+
+
+class NodeCapacity(Frozen):
+    memory: int = 0
+    cpu: int = 0
+    chip: str = ""
+    dtypes: list[str] = Field(default_factory=list)
+
+
+class NodeStatus(Frozen):
+    capacity: NodeCapacity = Field(default_factory=NodeCapacity)
+    allocatable: NodeCapacity = Field(default_factory=NodeCapacity)
+    version: str = ""
+    renewTime: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class Node(Frozen):
+    KIND: ClassVar[str] = "Node"
+    apiVersion: Literal["exo.dev/v1alpha1"] = API_VERSION
+    kind: Literal["Node"] = "Node"
+    metadata: ObjectMeta
+    spec: NodeSpec
+    status: NodeStatus | None = None
+
+
+# --- Shard -------------------------------------------------------------------------------------
+
+class LayerRange(Frozen):
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "LayerRange":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end - 1}"
+
+
+class ShardSpec(Frozen):
+    deployment: str = Field(description="NAMESPACE/NAME of the owning ModelDeployment")
+    deploymentUid: str | None = None
+    generation: int | None = None
+    replica: int = Field(ge=0)
+    index: int = Field(ge=0)
+    stages: int = Field(ge=1)
+    layers: LayerRange
+    totalLayers: int = Field(ge=1)
+    nodeName: str
+    model: ModelSource
+    memoryBytes: int = 0
+
+
+class ShardStatus(Frozen):
+    phase: Literal["Pending", "Loading", "Ready", "Failed"] = "Pending"
+    progress: float = 0.0
+    bytesLoaded: int = 0
+    message: str = ""
+    dataEndpoint: str | None = None
+    observedGeneration: int | None = None
+
+
+class Shard(Frozen):
+    KIND: ClassVar[str] = "Shard"
+    apiVersion: Literal["exo.dev/v1alpha1"] = API_VERSION
+    kind: Literal["Shard"] = "Shard"
+    metadata: ObjectMeta
+    spec: ShardSpec
+    status: ShardStatus | None = None
+
+
+# --- Kind registry -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KindInfo:
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    namespaced: bool
+    model: type[Frozen]
+    user_writable: bool
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        base = f"/apis/{API_VERSION}"
+        if self.namespaced:
+            base += f"/namespaces/{namespace or DEFAULT_NAMESPACE}"
+        base += f"/{self.plural}"
+        return f"{base}/{name}" if name else base
+
+    def ref(self, name: str) -> str:
+        """kubectl's ``modeldeployment.exo.dev/NAME`` form."""
+        return f"{self.singular}.exo.dev/{name}"
+
+
+KINDS: dict[str, KindInfo] = {
+    info.kind: info
+    for info in (
+        KindInfo("ModelDeployment", "modeldeployments", "modeldeployment", ("md", "mds"), True, ModelDeployment, True),
+        KindInfo("Node", "nodes", "node", ("no",), False, Node, False),
+        KindInfo("Shard", "shards", "shard", (), False, Shard, False),
+    )
+}
+
+
+def kind_for(word: str) -> KindInfo | None:
+    """Resolve what a user typed (``md``, ``shards``, ``ModelDeployment``, ``node.exo.dev``)."""
+    word = word.lower().removesuffix(".exo.dev")
+    for info in KINDS.values():
+        if word in (info.kind.lower(), info.plural, info.singular, *info.short_names):
+            return info
+    return None
+
+
+def object_key(obj: dict[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    info = KINDS[obj["kind"]]
+    return (obj["kind"], (meta.get("namespace") or DEFAULT_NAMESPACE) if info.namespaced else "", meta["name"])

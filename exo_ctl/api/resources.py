@@ -110,6 +110,7 @@ class NodeCapacity(Frozen):
 
 
 class NodeStatus(Frozen):
+    role: Literal["leader", "follower", "unknown"] = "unknown"
     capacity: NodeCapacity = Field(default_factory=NodeCapacity)
     allocatable: NodeCapacity = Field(default_factory=NodeCapacity)
     version: str = ""

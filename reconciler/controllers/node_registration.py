@@ -1,0 +1,133 @@
+"""Every node writes its own Node object (address, ports, capacity) and renews its Lease through
+the store about once a second; the leader's node-lifecycle controller judges liveness from it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from reconciler.controllers.node_lifecycle import LEASE
+from reconciler.store.base import Store, StoreError, StoreUnavailable, make_command, utcnow_iso
+
+log = logging.getLogger(__name__)
+API_VERSION = "exo.dev/v1alpha1"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    name: str
+    node_id: str
+    address: str
+    api_port: int
+    raft_port: int
+    data_port: int
+    labels: dict[str, str] = field(default_factory=dict)
+    memory_override: int | None = None   # --memory: what this node advertises
+    version: str = ""
+
+
+def chip_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def capacity(identity: NodeIdentity) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(capacity, allocatable): real memory unless --memory says otherwise."""
+    memory = psutil.virtual_memory()
+    total = identity.memory_override or memory.total
+    available = min(memory.available, total) if identity.memory_override is None else identity.memory_override
+    common = {"cpu": os.cpu_count() or 1, "chip": chip_name(),
+              "dtypes": ["bfloat16", "float16", "float32", "4bit", "8bit"]}
+    # Round to MiB so small fluctuations of free memory don't rewrite the Node every renewal.
+    mib = 1024 * 1024
+    return ({**common, "memory": total // mib * mib}, {**common, "memory": available // mib * mib})
+
+
+def node_object(identity: NodeIdentity) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION, "kind": "Node",
+        "metadata": {"name": identity.name, "labels": {
+            "exo.dev/hostname": platform.node().lower()[:63] or "unknown",
+            "exo.dev/arch": platform.machine().lower(), **identity.labels}},
+        "spec": {"nodeId": identity.node_id, "address": identity.address, "apiPort": identity.api_port,
+                 "raftPort": identity.raft_port, "dataPort": identity.data_port},
+    }
+
+
+class NodeRegistrar:
+    """Keeps this node's Node object current and its Lease renewed."""
+
+    def __init__(self, *, store: Store, identity: NodeIdentity, lease_interval: float = 1.0,
+                 status_interval: float = 10.0) -> None:
+        self.store, self.identity = store, identity
+        self.lease_interval, self.status_interval = lease_interval, status_interval
+        self._task: asyncio.Task | None = None
+        self.renewals = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="node-registrar")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_status = float("-inf")
+        while True:
+            try:
+                if loop.time() - last_status >= self.status_interval or self.store.get(("Node", "", self.identity.name)) is None:
+                    await self.register()
+                    last_status = loop.time()
+                await self.renew_lease()
+            except (StoreUnavailable, StoreError) as error:
+                log.debug("node registration: %s", error)
+            except Exception:
+                log.exception("node registration failed")
+            await asyncio.sleep(self.lease_interval)
+
+    async def register(self) -> None:
+        """Create or update the Node: spec and labels from flags, capacity measured now; the
+        leader-owned parts of status (conditions, role) are kept."""
+        key = ("Node", "", self.identity.name)
+        desired = node_object(self.identity)
+        live = self.store.get(key)
+        if live is None:
+            try:
+                live = (await self.store.submit(make_command("create", key, body=desired)))["object"]
+            except StoreError as error:
+                if error.code != 409:
+                    raise
+                live = self.store.get(key)
+        elif live["spec"] != desired["spec"] or live["metadata"].get("labels") != desired["metadata"]["labels"]:
+            body = {**desired, "metadata": {**desired["metadata"], "annotations": live["metadata"].get("annotations", {})}}
+            live = (await self.store.submit(make_command("replace", key, body=body,
+                                                         expected_rv=live["metadata"]["resourceVersion"])))["object"]
+        cap, alloc = capacity(self.identity)
+        status = dict(live.get("status") or {})
+        wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version}
+        if wanted != status:
+            await self.store.submit(make_command("status", key, body={"status": wanted},
+                                                 expected_rv=live["metadata"]["resourceVersion"]))
+
+    async def renew_lease(self) -> None:
+        key = (LEASE, "", self.identity.name)
+        body = {"apiVersion": "coordination.exo.dev/v1", "kind": LEASE,
+                "metadata": {"name": self.identity.name},
+                "spec": {"holderIdentity": self.identity.node_id, "renewTime": utcnow_iso(),
+                         "renewals": self.renewals + 1}}
+        op = "replace" if self.store.get(key) is not None else "create"
+        await self.store.submit(make_command(op, key, body=body), timeout=max(1.0, self.lease_interval * 2))
+        self.renewals += 1

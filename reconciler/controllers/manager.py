@@ -92,6 +92,8 @@ class ControllerManager:
             if active and (not was_active or time.monotonic() - last_pass >= controller.resync_seconds):
                 wake.set()  # a new leader reconciles at once; everyone resyncs now and then
             was_active = active
+            if not active:
+                wake.clear()  # changes seen while a follower are covered by the pass on election
             try:
                 await asyncio.wait_for(wake.wait(), poll)
             except asyncio.TimeoutError:

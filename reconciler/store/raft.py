@@ -1,0 +1,301 @@
+"""The Raft-backed store: PySyncObj replicates JSON commands folded through the pure ``apply``.
+
+PySyncObj runs in its own thread (autoTick). Everything it learns reaches asyncio through
+``loop.call_soon_threadsafe``: committed states (``Store._publish``), the result of each command
+this node submitted, and a snapshot of the cluster view (leader, quorum, members) taken on every
+tick, so the event loop never reads PySyncObj's internals while its thread mutates them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from reconciler.store.base import Store, StoreUnavailable
+from reconciler.store.state import StoreState, apply
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "raft.journal"
+DUMP_FILE = "raft.dump"
+MEMBERS_FILE = "raft-members.json"
+
+_FAIL_NAMES = {getattr(FAIL_REASON, n): n.lower() for n in dir(FAIL_REASON) if n.isupper()}
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    """How one node's Raft peer is set up. ``partners`` are the other members' raft addresses."""
+    self_address: str
+    partners: tuple[str, ...]
+    data_dir: Path
+    secret: str
+    bind_host: str | None = None
+    raft_min_timeout: float = 0.4
+    raft_max_timeout: float = 1.4
+    leader_fallback_timeout: float = 3.0  # an isolated leader steps down after this long
+
+    def conf(self, *, on_ready: Callable[[], None] | None = None) -> SyncObjConf:
+        if not self.secret:
+            raise ValueError("a cluster secret is mandatory: Raft traffic is pickled")
+        port = self.self_address.rsplit(":", 1)[1]
+        return SyncObjConf(
+            password=self.secret,
+            appendEntriesUseBatch=False,       # batching makes every write wait ~100 ms
+            dynamicMembershipChange=True,
+            journalFile=str(self.data_dir / JOURNAL_FILE),
+            fullDumpFile=str(self.data_dir / DUMP_FILE),
+            leaderFallbackTimeout=self.leader_fallback_timeout,
+            raftMinTimeout=self.raft_min_timeout,
+            raftMaxTimeout=self.raft_max_timeout,
+            connectionTimeout=max(3.5, self.raft_max_timeout),
+            connectionRetryTime=1.0,
+            bindAddress=f"{self.bind_host}:{port}" if self.bind_host else None,
+            maxBindRetries=1,                   # a taken port is an error, not something to wait out
+            onReady=on_ready,
+        )
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What this node's Raft peer believed at its last tick."""
+    self_address: str
+    leader: str | None = None
+    is_leader: bool = False
+    quorum: bool = False
+    members: tuple[str, ...] = ()
+    term: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"raftAddress": self.self_address, "leaderAddress": self.leader, "isLeader": self.is_leader,
+                "quorum": self.quorum, "members": list(self.members), "term": self.term}
+
+
+def load_members(data_dir: Path) -> tuple[str, ...] | None:
+    """The member list this node saw last (None if it never was a member)."""
+    path = data_dir / MEMBERS_FILE
+    try:
+        members = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable member list ({exc}); remove it to rejoin via --peers") from exc
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ValueError(f"{path}: expected a JSON list of raft addresses")
+    return tuple(members)
+
+
+def save_members(data_dir: Path, members: Sequence[str]) -> None:
+    path = data_dir / MEMBERS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(members)))
+    os.replace(tmp, path)
+
+
+class _StateMachine(SyncObjConsumer):
+    """The replicated part: the resource state plus a directory of members (raft address →
+    node id and API URL) that lets any node find the leader's HTTP API."""
+
+    def __init__(self, on_change: Callable[[StoreState], None]) -> None:
+        super().__init__()
+        self.state = StoreState()
+        self.directory: dict[str, dict[str, str]] = {}
+        self._on_change = on_change
+
+    @replicated
+    def apply_command(self, command_json: str) -> dict[str, Any]:
+        state, result = apply(self.state, json.loads(command_json))
+        if state is not self.state:
+            self.state = state
+            self._on_change(state)
+        return result
+
+    @replicated
+    def register_member(self, info_json: str) -> None:
+        info = json.loads(info_json)
+        directory = dict(self.directory)
+        directory[info["raftAddress"]] = {k: str(v) for k, v in info.items() if k != "raftAddress"}
+        self.directory = directory
+
+    def _serialize(self) -> dict[str, Any]:
+        return {"state": self.state, "directory": self.directory}
+
+    def _deserialize(self, data: Mapping[str, Any]) -> None:
+        self.state = data["state"]
+        self.directory = dict(data.get("directory", {}))
+        self._on_change(self.state)
+
+
+class RaftStore(Store):
+    """Store whose writes are committed through PySyncObj. Create it on the event loop; call
+    ``await store.close()`` to stop the Raft thread."""
+
+    def __init__(self, settings: RaftSettings, *, admitted: bool = True) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._settings = settings
+        self._admitted = admitted
+        self._view = ClusterView(self_address=settings.self_address)
+        self._view_listeners: list[Callable[[ClusterView], None]] = []
+        self._saved_members: tuple[str, ...] = ()
+        self._progress = (0, 0)  # (commit index, last applied), sampled on the raft thread
+        self._closed = False
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._machine = _StateMachine(self._on_committed_state)
+        self._sync = SyncObj(settings.self_address, list(settings.partners),
+                             conf=settings.conf(), consumers=[self._machine])
+        self._sync.addOnTickCallback(self._on_tick)
+        try:
+            self._sync.waitBinded()
+        except Exception as exc:
+            self._sync.destroy()
+            raise OSError(f"cannot listen for Raft on {settings.self_address}: port in use?") from exc
+        if admitted:
+            self._save_members(self._current_members())
+
+    # -- raft thread → loop --
+    def _on_committed_state(self, state: StoreState) -> None:
+        if not self._closed:
+            self._loop.call_soon_threadsafe(self._publish, state)
+
+    def _current_members(self) -> tuple[str, ...]:
+        others = [n.address for n in self._sync.otherNodes]
+        return tuple(sorted([self._settings.self_address, *others]))
+
+    def _on_tick(self) -> None:
+        sync = self._sync
+        leader = sync._getLeader()
+        view = ClusterView(
+            self_address=self._settings.self_address,
+            leader=leader.address if leader is not None else None,
+            is_leader=sync._isLeader(),
+            quorum=sync.hasQuorum and leader is not None,
+            members=self._current_members(),
+            term=sync.raftCurrentTerm,
+        )
+        self._progress = (sync.raftCommitIndex, sync.raftLastApplied)
+        if view != self._view and not self._closed:
+            self._view = view  # a single reference swap: readers on the loop see old or new
+            self._loop.call_soon_threadsafe(self._view_changed, view)
+
+    def _view_changed(self, view: ClusterView) -> None:
+        if self._admitted and view.members != self._saved_members:
+            self._save_members(view.members)
+        for callback in list(self._view_listeners):
+            callback(view)
+
+    def _save_members(self, members: Sequence[str]) -> None:
+        self._saved_members = tuple(members)
+        try:
+            save_members(self._settings.data_dir, members)
+        except OSError as exc:
+            log.warning("could not save the member list: %s", exc)
+
+    # -- writes --
+    def _call(self, method: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Call a replicated method; the future resolves on the loop with its result."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+
+        def resolve(result: Any, error: int) -> None:
+            if future.done():
+                return
+            if error == FAIL_REASON.SUCCESS:
+                future.set_result(result)
+            else:
+                reason = _FAIL_NAMES.get(error, str(error))
+                future.set_exception(StoreUnavailable(f"raft did not commit the change ({reason}); outcome unknown"))
+
+        def callback(result: Any, error: int) -> None:  # raft thread
+            self._loop.call_soon_threadsafe(resolve, result, error)
+
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        method(*args, callback=callback)
+        return future
+
+    async def _await(self, future: asyncio.Future[Any], *, timeout: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"{what} did not commit within {timeout:g}s (no quorum?); outcome unknown") from None
+
+    async def _commit(self, command: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        if not self._view.quorum:
+            raise StoreUnavailable("no quorum: this node sees no leader with a majority")
+        future = self._call(self._machine.apply_command, json.dumps(command, separators=(",", ":")))
+        return await self._await(future, timeout=timeout, what="the write")
+
+    async def register_member(self, info: Mapping[str, str], *, timeout: float = 5.0) -> None:
+        """Record a member's node id and API URL in the replicated directory."""
+        future = self._call(self._machine.register_member, json.dumps(dict(info)))
+        await self._await(future, timeout=timeout, what="the member registration")
+
+    async def add_member(self, raft_address: str, *, timeout: float = 5.0) -> None:
+        """Add one node to the Raft group (dynamic membership). Callers serialize these: the
+        leader refuses a change while the previous one is uncommitted."""
+        future = self._call(self._sync.addNodeToCluster, raft_address)
+        await self._await(future, timeout=timeout, what=f"adding {raft_address}")
+
+    def mark_admitted(self) -> None:
+        """This node is now a member: keep its member list in the data dir from here on."""
+        self._admitted = True
+        self._save_members(self._view.members or self._current_members())
+
+    # -- cluster --
+    @property
+    def view(self) -> ClusterView:
+        return self._view
+
+    @property
+    def is_leader(self) -> bool:
+        return self._view.is_leader
+
+    @property
+    def has_quorum(self) -> bool:
+        return self._view.quorum
+
+    @property
+    def leader_address(self) -> str | None:
+        return self._view.leader
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self._view.members
+
+    @property
+    def self_address(self) -> str:
+        return self._settings.self_address
+
+    @property
+    def directory(self) -> dict[str, dict[str, str]]:
+        return dict(self._machine.directory)
+
+    def add_view_listener(self, callback: Callable[[ClusterView], None]) -> Callable[[], None]:
+        self._view_listeners.append(callback)
+        return lambda: self._view_listeners.remove(callback) if callback in self._view_listeners else None
+
+    def cluster_status(self) -> dict[str, Any]:
+        commit_index, last_applied = self._progress
+        return {**super().cluster_status(), **self._view.to_json(),
+                "commitIndex": commit_index, "lastApplied": last_applied}
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        sync = self._sync
+        sync.destroy()
+        await asyncio.get_running_loop().run_in_executor(None, _join_tick_thread, sync)
+
+
+def _join_tick_thread(sync: SyncObj, timeout: float = 5.0) -> None:
+    thread = getattr(sync, "_SyncObj__thread", None)
+    if thread is not None:
+        thread.join(timeout)

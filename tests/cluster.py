@@ -1,0 +1,255 @@
+"""Test harness: real ``exo`` node processes on 127.0.0.1.
+
+    cluster = start_cluster(3, tmp_path)          # node 0 bootstraps, the others join one by one
+    cluster.nodes[0].api_url, .kill(), .stop(), .restart(), .log_path
+
+Use the ``exo_cluster`` fixture (``from tests.cluster import exo_cluster`` in a test module or
+conftest) to get the cleanup for free: every process is killed at teardown and its log printed
+(pytest shows it when the test fails).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HOST = "127.0.0.1"
+PORTS_PER_NODE = 4  # api, raft (api+1), data (api+2), one spare
+DEFAULT_SECRET = "test-cluster-secret"
+READY_TIMEOUT = 30.0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(taken: set[int], size: int = PORTS_PER_NODE) -> int:
+    """A base port with ``size`` consecutive free ports (none in ``taken``)."""
+    for _ in range(500):
+        base = random.randrange(20000, 60000 - size)
+        block = range(base, base + size)
+        if not taken.intersection(block) and all(_port_free(p) for p in block):
+            taken.update(block)
+            return base
+    raise RuntimeError("no free block of ports on 127.0.0.1")
+
+
+def http_json(method: str, url: str, *, token: str | None = None, body: Any = None,
+              content_type: str = "application/json", timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, parsed JSON or text) without raising on HTTP errors."""
+    data = None
+    if body is not None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", content_type)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            status, headers, raw = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        status, headers, raw = err.code, dict(err.headers), err.read()
+    try:
+        return status, headers, json.loads(raw)
+    except ValueError:
+        return status, headers, raw.decode(errors="replace")
+
+
+@dataclass
+class ExoProcess:
+    index: int
+    name: str
+    data_dir: Path
+    api_port: int
+    secret: str | None
+    peers: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    log_path: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.name}.log"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.api_port}"
+
+    @property
+    def api_address(self) -> str:
+        return f"{HOST}:{self.api_port}"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{HOST}:{self.api_port + 1}"
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "reconciler.main", "--name", self.name,
+                "--data-dir", str(self.data_dir), "--host", HOST, "--api-port", str(self.api_port),
+                "--log-level", "INFO"]
+        if self.peers:
+            args += ["--peers", ",".join(self.peers)]
+        if self.secret is not None:
+            args += ["--cluster-secret", self.secret]
+        return args + list(self.extra_args)
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
+        env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"}
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- start: {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=Path(__file__).resolve().parents[1])
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown."""
+        if self.running:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (SIGKILL after ``timeout``)."""
+        if not self.running:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s\n{self.log_text()}") from None
+
+    def restart(self, *, wait: bool = True) -> None:
+        self.kill()
+        self.start()
+        if wait:
+            self.wait_ready()
+
+    def ready(self) -> bool:
+        try:
+            status, _, _ = http_json("GET", self.api_url + "/readyz", timeout=1.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.log_text()}")
+            if self.ready():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready after {timeout}s\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return f"===== {self.name} log ({self.log_path}) =====\n{self.log_path.read_text(errors='replace')}"
+        except FileNotFoundError:
+            return f"===== {self.name}: no log ====="
+
+    def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+        kwargs.setdefault("token", self.secret)
+        return http_json(method, self.api_url + path, **kwargs)
+
+
+@dataclass
+class Cluster:
+    nodes: list[ExoProcess]
+    root: Path
+    secret: str
+    taken_ports: set[int] = field(default_factory=set)
+
+    def add_node(self, *, secret: str | None = None, peers: Sequence[str] | None = None,
+                 extra_args: Sequence[str] = (), start: bool = True, wait: bool = True) -> ExoProcess:
+        index = len(self.nodes)
+        node = ExoProcess(index=index, name=f"node{index}", data_dir=self.root / f"node{index}",
+                          api_port=free_port_block(self.taken_ports),
+                          secret=self.secret if secret is None else secret,
+                          peers=tuple(peers if peers is not None else [n.api_address for n in self.nodes[:1]]),
+                          extra_args=tuple(extra_args))
+        self.nodes.append(node)
+        if start:
+            node.start()
+            if wait:
+                node.wait_ready()
+        return node
+
+    def leader(self, timeout: float = 10.0) -> ExoProcess:
+        """The node every running member agrees is the leader."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in (n for n in self.nodes if n.running):
+                try:
+                    status, _, doc = node.request("GET", "/internal/v1/members", timeout=1.0)
+                except OSError:
+                    continue
+                if status == 200 and doc.get("leader") and doc.get("quorum"):
+                    match = [n for n in self.nodes if n.raft_address == doc["leader"] and n.running]
+                    if match:
+                        return match[0]
+            time.sleep(0.05)
+        raise AssertionError("no leader\n" + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(node.log_text() for node in self.nodes)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+def start_cluster(n: int, tmp_path: Path, *, secret: str = DEFAULT_SECRET,
+                  extra_args: Sequence[str] = ()) -> Cluster:
+    """Start ``n`` nodes: node0 bootstraps the cluster, then each node joins via node0 and is
+    ready (its store has quorum) before the next one starts."""
+    cluster = Cluster(nodes=[], root=tmp_path, secret=secret)
+    try:
+        for _ in range(n):
+            cluster.add_node(extra_args=extra_args)
+    except BaseException:
+        print(cluster.logs())
+        cluster.close()
+        raise
+    return cluster
+
+
+@pytest.fixture
+def exo_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A factory: ``exo_cluster(3)`` starts a cluster; all of them are killed at teardown."""
+    started: list[Cluster] = []
+
+    def factory(n: int, *, secret: str = DEFAULT_SECRET, extra_args: Sequence[str] = ()) -> Cluster:
+        cluster = start_cluster(n, tmp_path / f"cluster{len(started)}", secret=secret, extra_args=extra_args)
+        started.append(cluster)
+        return cluster
+
+    yield factory
+    for cluster in started:
+        cluster.close()
+        print(cluster.logs())

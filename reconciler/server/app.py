@@ -1,0 +1,101 @@
+"""The node's HTTP application: authentication, Status errors, health, and the resource API.
+
+Other parts of the node mount their routes on the returned app before it starts (membership
+under /internal, the OpenAI API under /v1, /metrics, the dashboard at /). Everything under
+/apis/ and /internal/ needs the bearer token; everything else is public.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from reconciler.server.errors import ApiError, status_response
+from reconciler.server.keys import NODE, STORE, WATCHES, NodeInfo, Watches
+from reconciler.server.resources import add_resource_routes
+from reconciler.store.base import Store
+
+log = logging.getLogger(__name__)
+PROTECTED_PREFIXES = ("/apis", "/internal")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_protected(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED_PREFIXES)
+
+
+def _route_path(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time."""
+    if not header:
+        return False
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (is_protected(request.path) or is_protected(_route_path(request))) and not token_matches(
+                request.headers.get("Authorization"), token):
+            raise ApiError(401, "Unauthorized: send Authorization: Bearer <token> (the cluster token)",
+                           headers={"WWW-Authenticate": 'Bearer realm="exo"'})
+        return await handler(request)
+    return authenticate
+
+
+@web.middleware
+async def _status_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ApiError → Status; aiohttp's own 404/405/413 under the API prefixes → Status; anything
+    unexpected → a logged 500 Status (never a traceback to the client)."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPException as error:
+        if error.status < 400 or not is_protected(request.path):
+            raise
+        headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+        message = {404: f"the server could not find the requested resource ({request.path})",
+                   405: f"method {request.method} is not allowed on {request.path}"}.get(error.status, error.reason)
+        return status_response(error.status, message, headers=headers)
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return status_response(500, "internal error while handling the request; see the node's log")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.config_dict[STORE].has_quorum:
+        return web.Response(text="ok")
+    return web.Response(status=503, text="not ready: this node's store has no quorum")
+
+
+async def _end_watches(app: web.Application) -> None:
+    app[WATCHES].closing.set()
+
+
+def create_app(*, store: Store, token: str, node_name: str, watch_disconnect_check_s: float = 10.0) -> web.Application:
+    """The node's API app; the Store and node info are reachable through ``STORE`` and ``NODE``."""
+    if not token:
+        raise ValueError("an API token is required")
+    app = web.Application(middlewares=[_status_errors, _auth_middleware(token)])
+    app[STORE] = store
+    app[NODE] = NodeInfo(name=node_name)
+    app[WATCHES] = Watches(disconnect_check_s=watch_disconnect_check_s)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    add_resource_routes(app)
+    app.on_shutdown.append(_end_watches)
+    return app

@@ -1,0 +1,156 @@
+"""Watch streams: newline-delimited JSON events from the local replica, kubectl semantics.
+
+Without a resourceVersion a watch first sends one ADDED per current object (from one immutable
+snapshot), then every change after the snapshot's revision. With ``resourceVersion=N`` it sends
+every change after N. With a label selector, an object that starts matching arrives as ADDED and
+one that stops matching as DELETED, so a client's cache stays exact.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from exo_ctl.api.status import status_object
+from reconciler.server.errors import ApiError
+from reconciler.server.keys import Watches
+from reconciler.server.selectors import Selector
+from reconciler.store.base import Gone, Store
+from reconciler.store.state import Event, Key, StoreState
+
+log = logging.getLogger(__name__)
+WATCH_CONTENT_TYPE = "application/json;stream=watch"
+
+
+class WatchFilter:
+    """Which events a watcher sees, and as what type (deterministic; no I/O)."""
+
+    def __init__(self, *, kind: str, namespace: str | None, selector: Selector, matching: set[Key]):
+        self.kind, self.namespace, self.selector = kind, namespace, selector
+        self.matching = matching  # keys the watcher currently holds as matching
+
+    def in_scope(self, obj: Mapping[str, Any]) -> bool:
+        if obj.get("kind") != self.kind:
+            return False
+        return self.namespace is None or obj["metadata"].get("namespace") == self.namespace
+
+    def translate(self, event_type: str, obj: Mapping[str, Any]) -> str | None:
+        """The type to send for this event, or None to skip it."""
+        if not self.in_scope(obj):
+            return None
+        if self.selector.is_empty:
+            return event_type
+        key = _key(obj)
+        was_matching = key in self.matching
+        if event_type == "DELETED":
+            self.matching.discard(key)
+            return "DELETED" if was_matching or self.selector.matches(obj["metadata"].get("labels")) else None
+        if self.selector.matches(obj["metadata"].get("labels")):
+            self.matching.add(key)
+            return "MODIFIED" if was_matching else "ADDED"
+        if was_matching:
+            self.matching.discard(key)
+            return "DELETED"
+        return None
+
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    meta = obj["metadata"]
+    return (obj["kind"], meta.get("namespace") or "", meta["name"])
+
+
+def matching_at(state: StoreState, revision: int, view: WatchFilter) -> set[Key]:
+    """Keys whose object matched the selector at ``revision``, as far as the kept history tells:
+    objects untouched since then as they are now, the others from their last event up to it."""
+    matched: dict[Key, bool] = {}
+    for event in state.history:
+        if event.revision > revision:
+            break
+        if view.in_scope(event.object):
+            labels = event.object["metadata"].get("labels")
+            matched[_key(event.object)] = event.type != "DELETED" and view.selector.matches(labels)
+    for key, obj in state.objects.items():
+        if int(obj["metadata"]["resourceVersion"]) <= revision and view.in_scope(obj):
+            matched[key] = view.selector.matches(obj["metadata"].get("labels"))
+    return {key for key, ok in matched.items() if ok}
+
+
+def _line(event_type: str, obj: Mapping[str, Any]) -> bytes:
+    return (json.dumps({"type": event_type, "object": obj}, separators=(",", ":")) + "\n").encode()
+
+
+def _disconnected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _cancel(*futures: asyncio.Future[Any]) -> None:
+    """Cancel helper futures and wait for them, without swallowing this task's own cancellation."""
+    for future in futures:
+        future.cancel()
+    await asyncio.wait(futures)
+    for future in futures:
+        if not future.cancelled():
+            future.exception()  # mark as retrieved
+
+
+async def serve_watch(request: web.Request, *, store: Store, kind: str, namespace: str | None,
+                      selector: Selector, since: int | None, timeout_s: float | None,
+                      watches: Watches) -> web.StreamResponse:
+    """Stream events until the client leaves, ``timeout_s`` passes, the app shuts down, or the
+    watcher falls behind compacted history (a final ERROR event with a 410 Status)."""
+    state = store.state
+    if since is not None and since < state.compacted_revision:
+        raise ApiError(410, f"too old resource version: {since} ({state.compacted_revision}); list again and watch from its resourceVersion")
+    initial: list[tuple[str, Mapping[str, Any]]] = []
+    view = WatchFilter(kind=kind, namespace=namespace, selector=selector, matching=set())
+    if since is None:
+        for key in sorted(k for k in state.objects if k[0] == kind):
+            obj = state.objects[key]
+            if (event_type := view.translate("ADDED", obj)) is not None:
+                initial.append((event_type, obj))
+        position = state.revision
+    else:
+        if not selector.is_empty:
+            view.matching = matching_at(state, since, view)
+        position = since
+
+    response = web.StreamResponse(headers={"Content-Type": WATCH_CONTENT_TYPE, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    events = store.watch(position)
+    next_event: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
+    closed = asyncio.ensure_future(watches.closing.wait())
+    watches.open_count += 1
+    try:
+        for event_type, obj in initial:
+            await response.write(_line(event_type, obj))
+        while True:
+            check = watches.disconnect_check_s
+            wait = check if deadline is None else max(0.0, min(check, deadline - loop.time()))
+            done, _ = await asyncio.wait({next_event, closed}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if next_event in done:
+                try:
+                    event = next_event.result()
+                except Gone as error:
+                    await response.write(_line("ERROR", status_object(410, f"{error}; list again and watch from its resourceVersion")))
+                    break
+                next_event = asyncio.ensure_future(anext(events))
+                if (event_type := view.translate(event.type, event.object)) is not None:
+                    await response.write(_line(event_type, event.object))
+                continue
+            if closed in done or _disconnected(request) or (deadline is not None and loop.time() >= deadline):
+                break
+        await response.write_eof()
+    except ConnectionError:
+        log.debug("watch client went away")
+    finally:
+        watches.open_count -= 1
+        await _cancel(next_event, closed)
+        await events.aclose()
+    return response

@@ -1,0 +1,363 @@
+"""Where each layer of a ModelDeployment runs: a pure function of the cluster's state.
+
+``place`` splits a model's layers into contiguous pipeline stages over Ready nodes, in proportion
+to each node's usable memory, never over it, and keeps the current assignment when it is still
+valid (or moves as few layers as it can when it is not).
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from exo_ctl.api.meta import Frozen
+from exo_ctl.api.resources import DEFAULT_NAMESPACE, LayerRange, ModelDeployment, Node, Shard, ShardSpec
+from reconciler.models.metadata import ModelProfile
+
+GIB = 1024**3
+# Above this many nodes in one replica, new nodes are appended instead of searched into the order.
+_INSERTION_SEARCH_LIMIT = 16
+
+
+class ShardAssignment(Frozen):
+    """One pipeline stage of one replica: layers [start, end) on one node."""
+
+    replica: int = Field(ge=0)
+    index: int = Field(ge=0)
+    stages: int = Field(ge=1)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    total_layers: int = Field(ge=1)
+    node: str
+    memory_bytes: int = Field(ge=0)
+
+    @property
+    def layers(self) -> LayerRange:
+        return LayerRange(start=self.start, end=self.end)
+
+    def to_spec(self, deployment: ModelDeployment) -> ShardSpec:
+        """The ShardSpec the scheduler writes for this stage."""
+        return ShardSpec(
+            deployment=deployment_key(deployment),
+            deploymentUid=deployment.metadata.uid,
+            generation=deployment.metadata.generation,
+            replica=self.replica,
+            index=self.index,
+            stages=self.stages,
+            layers=self.layers,
+            totalLayers=self.total_layers,
+            nodeName=self.node,
+            model=deployment.spec.model,
+            memoryBytes=self.memory_bytes,
+        )
+
+
+class PlacementPlan(Frozen):
+    """Shard assignments for every replica that fits; ``reason`` says why the rest do not."""
+
+    assignments: list[ShardAssignment] = Field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def schedulable(self) -> bool:
+        return self.reason is None
+
+    def replica(self, replica: int) -> list[ShardAssignment]:
+        return [a for a in self.assignments if a.replica == replica]
+
+
+def deployment_key(deployment: ModelDeployment) -> str:
+    """``NAMESPACE/NAME``, as in ShardSpec.deployment."""
+    return f"{deployment.metadata.namespace or DEFAULT_NAMESPACE}/{deployment.metadata.name}"
+
+
+def gib(value: int | float) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def node_is_ready(node: Node) -> bool:
+    conditions = node.status.conditions if node.status else []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions) and not node.metadata.deletionTimestamp
+
+
+def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard], profile: ModelProfile) -> PlacementPlan:
+    """Plan every replica of ``deployment``; ``shards`` are all Shards in the cluster."""
+    spec = deployment.spec
+    key = deployment_key(deployment)
+    uid = deployment.metadata.uid
+    ours: list[Shard] = []
+    others: list[Shard] = []
+    for shard in shards:
+        mine = shard.spec.deployment == key and (uid is None or shard.spec.deploymentUid in (None, uid))
+        (ours if mine else others).append(shard)
+    if spec.replicas == 0:
+        return PlacementPlan()
+
+    selector = spec.placement.nodeSelector
+    ready = [n for n in nodes if node_is_ready(n)]
+    eligible = sorted((n for n in ready if all(n.metadata.labels.get(k) == v for k, v in selector.items())),
+                      key=lambda n: n.metadata.name)
+    if not eligible:
+        return PlacementPlan(reason=_no_nodes_reason(nodes=nodes, ready=ready, selector=selector))
+
+    headroom = spec.resources.headroom_bytes
+    used_by_others: dict[str, int] = {}
+    for shard in others:
+        used_by_others[shard.spec.nodeName] = used_by_others.get(shard.spec.nodeName, 0) + shard.spec.memoryBytes
+    free = {
+        n.metadata.name: max(0, (n.status.allocatable.memory if n.status else 0) - headroom - used_by_others.get(n.metadata.name, 0))
+        for n in eligible
+    }
+    current: dict[int, dict[int, Shard]] = {}
+    for shard in ours:
+        current.setdefault(shard.spec.replica, {})[shard.spec.index] = shard
+
+    assignments: list[ShardAssignment] = []
+    taken: set[str] = set()
+    for replica in range(spec.replicas):
+        planner = _ReplicaPlanner(deployment=deployment, profile=profile, free=free, taken=taken,
+                                  previous=_previous_layout(current.get(replica, {}), profile.num_layers),
+                                  replicas_left=spec.replicas - replica)
+        stages = planner.plan()
+        if isinstance(stages, str):
+            prefix = f"replica {replica}: " if spec.replicas > 1 else ""
+            return PlacementPlan(assignments=assignments, reason=prefix + stages)
+        for index, (node, start, end) in enumerate(stages):
+            size = profile.stage_bytes(start, end, first=index == 0, last=index == len(stages) - 1)
+            free[node] -= size
+            taken.add(node)
+            assignments.append(ShardAssignment(replica=replica, index=index, stages=len(stages), start=start, end=end,
+                                               total_layers=profile.num_layers, node=node, memory_bytes=size))
+    return PlacementPlan(assignments=assignments)
+
+
+Stage = tuple[str, int, int]  # node, start, end
+
+
+def _previous_layout(by_index: dict[int, Shard], num_layers: int) -> list[Stage]:
+    """The replica's current stages in order, or [] when they do not form one whole pipeline."""
+    stages = len(by_index)
+    if not stages or sorted(by_index) != list(range(stages)):
+        return []
+    layout: list[Stage] = []
+    expected_start = 0
+    for index in range(stages):
+        spec = by_index[index].spec
+        if spec.stages != stages or spec.totalLayers != num_layers or spec.layers.start != expected_start:
+            return []
+        layout.append((spec.nodeName, spec.layers.start, spec.layers.end))
+        expected_start = spec.layers.end
+    if expected_start != num_layers or len({node for node, _, _ in layout}) != stages:
+        return []
+    return layout
+
+
+class _ReplicaPlanner:
+    """Chooses nodes and layer ranges for one replica."""
+
+    def __init__(self, *, deployment: ModelDeployment, profile: ModelProfile, free: dict[str, int],
+                 taken: set[str], previous: list[Stage], replicas_left: int):
+        placement = deployment.spec.placement
+        self.profile, self.free, self.previous = profile, free, previous
+        self.strategy = placement.strategy
+        self.min_nodes = placement.minNodes
+        self.max_nodes = min(placement.maxNodes or profile.num_layers, profile.num_layers)
+        self.replicas_left = replicas_left
+        self.taken = taken
+        self.prefix = [0]
+        for size in profile.layer_bytes:
+            self.prefix.append(self.prefix[-1] + size)
+        self.previous_ranges = {node: (start, end) for node, start, end in previous}
+        smallest_stage = min(profile.layer_bytes)
+        # A node that cannot hold even one layer is no candidate.
+        self.usable = sorted((n for n, size in free.items() if size >= smallest_stage),
+                             key=lambda n: (-free[n], n))
+
+    def plan(self) -> list[Stage] | str:
+        if not self.usable:
+            return self._does_not_fit(sorted(self.free, key=lambda n: (-self.free[n], n)))
+        disjoint = [n for n in self.usable if n not in self.taken]
+        if (self.taken or self.replicas_left > 1) and len(disjoint) >= self.min_nodes:
+            stages = self._plan_from(disjoint, share=True)
+            if not isinstance(stages, str):
+                return stages
+        return self._plan_from(self.usable, share=False)
+
+    # --- node choice ---------------------------------------------------------------------------
+
+    def _plan_from(self, pool: list[str], *, share: bool) -> list[Stage] | str:
+        if len(pool) < self.min_nodes:
+            return self._too_few_nodes(pool)
+        survivors = [n for n in pool if n in self.previous_ranges]
+        if self.strategy == "Spread":
+            count = len(pool) // self.replicas_left if share else len(pool)
+            count = max(self.min_nodes, min(count, self.max_nodes))
+            chosen = (survivors + [n for n in pool if n not in survivors])[:count]
+            kept = self._keep_previous(set(chosen))
+            if kept is not None:
+                return kept
+            stages = self._split(chosen)
+            return stages if stages is not None else self._does_not_fit(chosen)
+        kept = self._keep_previous(set(survivors)) if len(survivors) == len(self.previous) else None
+        if kept is not None:
+            return kept
+        for count in range(self.min_nodes, min(self.max_nodes, len(pool)) + 1):
+            preferred = (survivors + [n for n in pool if n not in survivors])[:count]
+            largest = pool[:count]
+            for candidate in (preferred, largest) if preferred != largest else (preferred,):
+                stages = self._split(candidate)
+                if stages is not None:
+                    return stages
+        return self._does_not_fit(pool[: min(self.max_nodes, len(pool))])
+
+    def _keep_previous(self, chosen: set[str]) -> list[Stage] | None:
+        """The current layout, when it is still on exactly ``chosen`` and fits."""
+        if not self.previous or {n for n, _, _ in self.previous} != chosen:
+            return None
+        if not self.min_nodes <= len(self.previous) <= self.max_nodes:
+            return None
+        last = len(self.previous) - 1
+        for index, (node, start, end) in enumerate(self.previous):
+            if self._stage_bytes(start, end, first=index == 0, last=index == last) > self.free[node]:
+                return None
+        return list(self.previous)
+
+    # --- stage order and layer split ------------------------------------------------------------
+
+    def _split(self, chosen: list[str]) -> list[Stage] | None:
+        """Best feasible layout over ``chosen``: survivors keep their order, new nodes are inserted
+        where they move the fewest layers."""
+        survivors = sorted((n for n in chosen if n in self.previous_ranges), key=lambda n: self.previous_ranges[n])
+        newcomers = sorted((n for n in chosen if n not in self.previous_ranges), key=lambda n: (-self.free[n], n))
+        if not survivors or len(chosen) > _INSERTION_SEARCH_LIMIT:
+            return self._best_split(survivors + newcomers)[1]
+        order = survivors
+        for position, node in enumerate(newcomers):
+            pending = newcomers[position + 1:]
+            best: tuple[int, int] | None = None
+            for slot in range(len(order) + 1):
+                cost, stages = self._best_split(order[:slot] + [node] + order[slot:] + pending)
+                if stages is not None and (best is None or cost < best[0]):
+                    best = (cost, slot)
+            if best is None:
+                return None
+            order = order[:best[1]] + [node] + order[best[1]:]
+        return self._best_split(order)[1]
+
+    def _best_split(self, order: list[str]) -> tuple[int, list[Stage] | None]:
+        """Boundaries over ``order`` that fit every node, minimising (layers that current nodes must
+        newly load, distance from the proportional split), by dynamic programming over stage ends.
+        The cost is one integer: moved layers weigh more than any possible distance."""
+        layers, count = self.profile.num_layers, len(order)
+        if count > layers:
+            return 0, None
+        targets = _proportional_boundaries([self.free[n] for n in order], layers)
+        weight = (layers + 1) * (count + 1)
+        # cost[i][b]: best cost with the first i stages covering [0, b); back[i][b]: where stage i-1 starts.
+        cost: list[list[int | None]] = [[0] + [None] * layers]
+        back: list[list[int]] = [[-1] * (layers + 1)]
+        for i, node in enumerate(order):
+            first, last = i == 0, i == count - 1
+            extra = self._stage_bytes(0, 0, first=first, last=last)
+            old = self.previous_ranges.get(node)
+            row: list[int | None] = [None] * (layers + 1)
+            links = [-1] * (layers + 1)
+            previous = cost[i]
+            for end in range(i + 1, layers - (count - i - 1) + 1) if not last else (layers,):
+                # Starts whose stage fits: prefix[start] >= prefix[end] + extra - free.
+                lowest = max(i, bisect_left(self.prefix, self.prefix[end] + extra - self.free[node]))
+                best_cost, best_start = None, -1
+                for start in range(lowest, end):
+                    before = previous[start]
+                    if before is None:
+                        continue
+                    # Only layers a node that already serves this replica must load count as moved:
+                    # a newcomer loads its share either way.
+                    loaded = 0 if old is None else (end - start) - max(0, min(end, old[1]) - max(start, old[0]))
+                    total = before + loaded * weight + abs(end - targets[i])
+                    if best_cost is None or total < best_cost:
+                        best_cost, best_start = total, start
+                row[end], links[end] = best_cost, best_start
+            cost.append(row)
+            back.append(links)
+        if cost[count][layers] is None:
+            return 0, None
+        stages: list[Stage] = []
+        end = layers
+        for i in range(count, 0, -1):
+            start = back[i][end]
+            stages.append((order[i - 1], start, end))
+            end = start
+        return cost[count][layers], stages[::-1]
+
+    def _stage_bytes(self, start: int, end: int, *, first: bool, last: bool) -> int:
+        size = self.prefix[end] - self.prefix[start]
+        if first:
+            size += self.profile.embedding_bytes
+        if last:
+            size += self.profile.head_bytes
+            if self.profile.tie_word_embeddings and not first:
+                size += self.profile.embedding_bytes
+        return size
+
+    # --- reasons ---------------------------------------------------------------------------------
+
+    def _too_few_nodes(self, pool: list[str]) -> str:
+        return f"minNodes is {self.min_nodes}, but only {_nodes(len(pool))} with room for a layer"
+
+    def _does_not_fit(self, chosen: list[str]) -> str:
+        offer = sum(self.free[n] for n in chosen)
+        limit = " (maxNodes)" if len(chosen) < len(self.usable) and len(chosen) == self.max_nodes else ""
+        reason = f"needs {gib(self.profile.total_bytes)}, {_nodes(len(chosen), ready=True)}{limit} offer {gib(offer)}"
+        if offer >= self.profile.total_bytes:
+            reason += f"; no split of {self.profile.num_layers} layers fits each node's memory"
+        return reason
+
+
+def _proportional_boundaries(memory: Sequence[int], layers: int) -> list[int]:
+    """Stage end positions for ``layers`` split in proportion to ``memory`` by the largest
+    remainder method, at least one layer per stage."""
+    count = len(memory)
+    total = sum(memory)
+    if total <= 0:
+        memory, total = [1] * count, count
+    seats = [max(1, layers * m // total) for m in memory]
+    # Exact remainders as integers: layers*m - seats*total (bigger = more deserving).
+    while sum(seats) > layers:
+        i = min((i for i in range(count) if seats[i] > 1), key=lambda i: (layers * memory[i] - seats[i] * total, -i))
+        seats[i] -= 1
+    while sum(seats) < layers:
+        i = max(range(count), key=lambda i: (layers * memory[i] - seats[i] * total, -i))
+        seats[i] += 1
+    boundaries, end = [], 0
+    for seat in seats:
+        end += seat
+        boundaries.append(end)
+    return boundaries
+
+
+def _nodes(count: int, *, ready: bool = False) -> str:
+    word = "Ready node" if ready else "node"
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _no_nodes_reason(*, nodes: list[Node], ready: list[Node], selector: dict[str, str]) -> str:
+    if not nodes:
+        return "no nodes in the cluster"
+    if not ready:
+        return f"none of the {_nodes(len(nodes))} is Ready"
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    return f"no Ready node matches nodeSelector {wanted} ({_nodes(len(ready), ready=True)})"
+
+
+def render_plan(plan: PlacementPlan) -> str:
+    """The plan as a table (REPLICA, STAGE, NODE, LAYERS, MEMORY), for ``apply --dry-run=server``."""
+    rows = [("REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY")]
+    for a in plan.assignments:
+        rows.append((str(a.replica), f"{a.index + 1}/{a.stages}", a.node, str(a.layers), gib(a.memory_bytes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] if plan.assignments else []
+    if plan.reason:
+        lines.append(f"Unschedulable: {plan.reason}")
+    return "\n".join(lines)

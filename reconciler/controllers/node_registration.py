@@ -42,11 +42,12 @@ def chip_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def capacity(identity: NodeIdentity) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(capacity, allocatable): real memory unless --memory says otherwise."""
-    memory = psutil.virtual_memory()
-    total = identity.memory_override or memory.total
-    available = min(memory.available, total) if identity.memory_override is None else identity.memory_override
+def capacity(identity: NodeIdentity, *, available_at_start: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(capacity, allocatable). Allocatable is fixed when the node starts (the memory free then),
+    not re-read later: the shards this node loads must not shrink what the scheduler may place
+    here, or every load would look like a reason to move. ``--memory`` sets both."""
+    total = identity.memory_override or psutil.virtual_memory().total
+    available = identity.memory_override or min(available_at_start, total)
     common = {"cpu": os.cpu_count() or 1, "chip": chip_name(),
               "dtypes": ["bfloat16", "float16", "float32", "4bit", "8bit"]}
     # Round to MiB so small fluctuations of free memory don't rewrite the Node every renewal.
@@ -74,6 +75,7 @@ class NodeRegistrar:
         self.lease_interval, self.status_interval = lease_interval, status_interval
         self._task: asyncio.Task | None = None
         self.renewals = 0
+        self.available_at_start = psutil.virtual_memory().available
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="node-registrar")
@@ -115,7 +117,7 @@ class NodeRegistrar:
             body = {**desired, "metadata": {**desired["metadata"], "annotations": live["metadata"].get("annotations", {})}}
             live = (await self.store.submit(make_command("replace", key, body=body,
                                                          expected_rv=live["metadata"]["resourceVersion"])))["object"]
-        cap, alloc = capacity(self.identity)
+        cap, alloc = capacity(self.identity, available_at_start=self.available_at_start)
         status = dict(live.get("status") or {})
         wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version}
         if wanted != status:

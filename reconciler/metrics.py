@@ -1,0 +1,75 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a process in
+tests). Event counters and histograms are updated where things happen; gauges that describe the
+current state (Raft, objects, nodes, shards) are read from the store at scrape time."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+PHASES = ("Pending", "Loading", "Ready", "Failed")
+
+
+class NodeMetrics:
+    def __init__(self, *, node: str) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.raft_apply_seconds = Histogram(
+            "exo_raft_apply_seconds", "Time from proposing a command to seeing it committed and applied",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.api_requests = Counter(
+            "exo_api_requests", "HTTP requests served", ["route", "method", "code"], registry=r)
+        self.api_request_seconds = Histogram(
+            "exo_api_request_seconds", "HTTP request latency", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.watch_streams = Gauge("exo_watch_streams", "Open watch streams", registry=r)
+        self.reconciles = Counter(
+            "exo_reconcile", "Controller passes", ["controller", "result"], registry=r)
+        self.reconcile_seconds = Histogram(
+            "exo_reconcile_seconds", "Controller pass duration", ["controller"], buckets=LATENCY_BUCKETS, registry=r)
+        self.shard_load_seconds = Histogram(
+            "exo_shard_load_seconds", "Time to load a shard's layers", ["deployment"], buckets=LOAD_BUCKETS, registry=r)
+        self.inference_requests = Counter(
+            "exo_inference_requests", "Inference requests finished", ["model", "status"], registry=r)
+        self.prompt_tokens = Counter("exo_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generated_tokens = Counter("exo_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.time_to_first_token = Histogram(
+            "exo_time_to_first_token_seconds", "Time to first token", ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.inter_token_seconds = Histogram(
+            "exo_inter_token_seconds", "Time between generated tokens", ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.hop_seconds = Histogram(
+            "exo_pipeline_hop_seconds", "Network time of one hidden-state hop between stages",
+            buckets=HOP_BUCKETS, registry=r)
+        self.inference_in_flight = Gauge("exo_inference_in_flight", "Inference requests in progress", ["model"], registry=r)
+
+    def observe_reconcile(self, controller: str, result: str, seconds: float) -> None:
+        self.reconciles.labels(controller, result).inc()
+        self.reconcile_seconds.labels(controller).observe(seconds)
+
+    def add_state_collector(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        self.registry.register(_FunctionCollector(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _FunctionCollector(Collector):
+    def __init__(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        return self._collect()
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=labels or [])

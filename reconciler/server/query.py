@@ -6,7 +6,7 @@ import re
 from aiohttp import web
 
 from reconciler.server.errors import ApiError
-from reconciler.server.selectors import Selector, SelectorError, parse_selector
+from exo_ctl.api.selectors import Selector, SelectorError, parse_selector
 
 OP_ID_HEADER = "X-Exo-Op-Id"
 _OP_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")

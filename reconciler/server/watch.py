@@ -18,7 +18,7 @@ from aiohttp import web
 from exo_ctl.api.status import status_object
 from reconciler.server.errors import ApiError
 from reconciler.server.keys import Watches
-from reconciler.server.selectors import Selector
+from exo_ctl.api.selectors import Selector
 from reconciler.store.base import Gone, Store
 from reconciler.store.state import Event, Key, StoreState
 

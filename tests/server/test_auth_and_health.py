@@ -6,7 +6,7 @@ from reconciler.server import NODE, STORE
 from reconciler.server.app import token_matches
 from reconciler.store.base import make_command
 
-from server_helpers import AUTH, MD_PATH, TOKEN
+from tests.server.server_helpers import AUTH, MD_PATH, TOKEN
 
 
 @pytest.mark.parametrize("headers", [

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from server_helpers import APPLY, AUTH, MD_PATH, deployment, node, shard
+from tests.server.server_helpers import APPLY, AUTH, MD_PATH, deployment, node, shard
 
 NODES = "/apis/exo.dev/v1alpha1/nodes"
 SHARDS = "/apis/exo.dev/v1alpha1/shards"

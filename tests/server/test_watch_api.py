@@ -9,7 +9,7 @@ from reconciler.server.keys import WATCHES
 from reconciler.store import state as store_state
 from reconciler.store.base import make_command
 
-from server_helpers import AUTH, MD_PATH, deployment, node
+from tests.server.server_helpers import AUTH, MD_PATH, deployment, node
 
 ALL_MDS = "/apis/exo.dev/v1alpha1/modeldeployments"
 

@@ -1,7 +1,7 @@
 """Label selector parsing and matching."""
 import pytest
 
-from reconciler.server.selectors import SelectorError, parse_selector
+from exo_ctl.api.selectors import SelectorError, parse_selector
 
 LABELS = {"app": "llama", "tier": "gpu", "env": "prod"}
 

@@ -1,0 +1,123 @@
+"""``exoctl describe TYPE NAME``: kubectl-style ``Key:  value`` sections for people."""
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from exo_ctl.cli import printers
+from exo_ctl.cli.common import Context, call, object_namespace, resolve_targets
+
+INDENT = "  "
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("describe", parents=parents, help="show an object in detail",
+                                   description="Show details of objects: metadata, spec, status and conditions.")
+    parser.add_argument("resources", nargs="+", metavar="TYPE NAME... | TYPE/NAME...")
+    parser.add_argument("-l", "--selector", help="describe every object with these labels")
+    parser.set_defaults(handler=run)
+
+
+def title(key: str) -> str:
+    """``memoryHeadroom`` → ``Memory Headroom`` (kubectl's rendering of custom resource fields)."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", key)
+    return spaced[:1].upper() + spaced[1:]
+
+
+def _scalar(value: Any) -> str:
+    if value is None or value == "":
+        return printers.NONE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def render_value(key: str, value: Any, depth: int) -> list[str]:
+    pad = INDENT * depth
+    if isinstance(value, dict):
+        if not value:
+            return [f"{pad}{title(key)}:  {printers.NONE}"]
+        lines = [f"{pad}{title(key)}:"]
+        for child_key, child in value.items():
+            lines += render_value(child_key, child, depth + 1)
+        return lines
+    if isinstance(value, list):
+        if not value:
+            return [f"{pad}{title(key)}:  {printers.NONE}"]
+        lines = [f"{pad}{title(key)}:"]
+        for item in value:
+            if isinstance(item, dict):
+                entries = [line for k, v in item.items() for line in render_value(k, v, depth + 2)]
+                lines.append(f"{pad}{INDENT}- " + entries[0].lstrip() if entries else f"{pad}{INDENT}- {{}}")
+                lines += entries[1:]
+            else:
+                lines.append(f"{pad}{INDENT}- {_scalar(item)}")
+        return lines
+    return [f"{pad}{title(key)}:  {_scalar(value)}"]
+
+
+def _mapping_lines(label: str, mapping: dict[str, str], width: int) -> list[str]:
+    if not mapping:
+        return [f"{label + ':':<{width}}{printers.NONE}"]
+    items = [f"{k}={v}" for k, v in sorted(mapping.items())]
+    return [f"{label + ':':<{width}}{items[0]}"] + [" " * width + item for item in items[1:]]
+
+
+def _table(rows: list[list[str]], depth: int = 1) -> list[str]:
+    return [INDENT * depth + line for line in printers.format_table(rows[0], rows[1:])]
+
+
+def describe(obj: dict[str, Any], *, now: float) -> str:
+    """The whole description of one object."""
+    meta = obj.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != printers.LAST_APPLIED}
+    width = 14
+    lines = [f"{'Name:':<{width}}{meta.get('name')}"]
+    if meta.get("namespace"):
+        lines.append(f"{'Namespace:':<{width}}{meta['namespace']}")
+    lines += _mapping_lines("Labels", meta.get("labels") or {}, width)
+    lines += _mapping_lines("Annotations", annotations, width)
+    lines += [f"{'API Version:':<{width}}{obj.get('apiVersion')}", f"{'Kind:':<{width}}{obj.get('kind')}"]
+    lines.append("Metadata:")
+    for key in ("creationTimestamp", "deletionTimestamp", "generation", "resourceVersion", "uid"):
+        if meta.get(key) is not None:
+            lines.append(f"{INDENT}{title(key) + ':':<20}{meta[key]}")
+    if meta.get("creationTimestamp"):
+        lines.append(f"{INDENT}{'Age:':<20}{printers.age(obj, now)}")
+    if obj.get("spec") is not None:
+        lines += render_value("spec", obj["spec"], 0)
+    status = dict(obj.get("status") or {})
+    conditions = status.pop("conditions", None) or []
+    shards = status.pop("shards", None) if obj.get("kind") == "ModelDeployment" else None
+    if status:
+        lines += render_value("status", status, 0)
+    if shards:
+        lines.append("Shards:")
+        rows = [["REPLICA", "INDEX", "NODE", "LAYERS", "PHASE"]]
+        rows += [[_scalar(s.get(k)) for k in ("replica", "index", "node", "layers", "phase")] for s in shards]
+        lines += _table(rows)
+    lines.append("Conditions:" if conditions else f"Conditions:  {printers.NONE}")
+    if conditions:
+        rows = [["Type", "Status", "Reason", "Message", "LastTransitionTime"]]
+        rows += [[_scalar(c.get(k)) for k in ("type", "status", "reason", "message", "lastTransitionTime")]
+                 for c in conditions]
+        lines += _table(rows)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    targets = resolve_targets(args.resources)
+    objects = []
+    for info, name in targets:
+        namespace = object_namespace(info, ctx)
+        if name is None:
+            listing = call(ctx, lambda: ctx.client.list(info, namespace=namespace, label_selector=args.selector))
+            objects += list(listing.get("items") or [])
+        else:
+            objects.append(call(ctx, lambda: ctx.client.get(info, name, namespace=namespace), info=info, name=name))
+    if not objects:
+        ctx.err(f"No resources found in {ctx.namespace} namespace." if targets[0][0].namespaced else "No resources found")
+        return 0
+    ctx.out("\n\n".join(describe(obj, now=ctx.clock()) for obj in objects))
+    return 0

@@ -1,0 +1,15 @@
+"""Data path: hidden states stage -> stage over TCP, tokens back to the request's origin."""
+
+from reconciler.datapath.pipeline import PipelineClient, PipelineError, StageLost, generate_tokens
+from reconciler.datapath.stage import StageServer
+from reconciler.datapath.wire import SamplingParams, StageAddress
+
+__all__ = [
+    "PipelineClient",
+    "PipelineError",
+    "SamplingParams",
+    "StageAddress",
+    "StageLost",
+    "StageServer",
+    "generate_tokens",
+]

@@ -1,0 +1,267 @@
+"""The entry side of the data path: drive one request through a route of stages.
+
+The client keeps one connection per stage server. For a request it sends OPEN to every stage
+(each learns its shard, next hop and sampling parameters), waits for all OPENED, then feeds the
+prompt to stage 0 in prefill chunks and each sampled token back in, one at a time. Every stage
+connection is pinged while open, so a stage that dies, hangs or becomes unreachable fails the
+request within `dead_after_s` instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import numpy as np
+
+from reconciler.datapath.wire import (
+    FLAG_SAMPLE,
+    ConnectionClosed,
+    ErrorReport,
+    Frame,
+    Kind,
+    OpenRequest,
+    SamplingParams,
+    StageAddress,
+    Tensor,
+    WireError,
+    open_connection,
+    read_frame,
+    write_frame,
+)
+
+
+class PipelineError(RuntimeError):
+    """A stage refused or failed the request; the message says which stage and why."""
+
+
+class StageLost(PipelineError):
+    """A stage could not be reached, closed its connection, or stopped answering."""
+
+
+class _StageConnection:
+    """One connection to a stage server, shared by all requests that pass through it."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        heartbeat_interval_s: float,
+        dead_after_s: float,
+    ) -> None:
+        self.label = f"{host}:{port}"
+        self._reader = reader
+        self._writer = writer
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._dead_after_s = dead_after_s
+        self._loop = asyncio.get_running_loop()
+        self._last_heard = self._loop.time()
+        self.failure: StageLost | None = None
+        self.requests: dict[int, asyncio.Queue[Frame | Exception]] = {}
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"pipeline-read-{self.label}"),
+            asyncio.create_task(self._heartbeat(), name=f"pipeline-heartbeat-{self.label}"),
+        ]
+
+    def send(self, frame: Frame) -> None:
+        if self.failure is not None:
+            raise self.failure
+        write_frame(self._writer, frame)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await read_frame(self._reader)
+                self._last_heard = self._loop.time()
+                queue = self.requests.get(frame.request_id)
+                if queue is not None and frame.kind is not Kind.PONG:
+                    queue.put_nowait(frame)
+        except (ConnectionClosed, OSError) as exc:
+            self._lose(StageLost(f"stage server {self.label} closed the connection ({exc})"))
+        except WireError as exc:
+            self._lose(StageLost(f"stage server {self.label} sent an invalid frame: {exc}"))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            silent = self._loop.time() - self._last_heard
+            if silent > self._dead_after_s:
+                self._lose(StageLost(f"stage server {self.label} did not answer for {silent:.1f} s"))
+                return
+            with contextlib.suppress(StageLost):
+                self.send(Frame(Kind.PING, 0))
+
+    def _lose(self, failure: StageLost) -> None:
+        if self.failure is not None:
+            return
+        self.failure = failure
+        for queue in self.requests.values():
+            queue.put_nowait(failure)
+        self._writer.close()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
+    async def close(self) -> None:
+        self._lose(StageLost(f"connection to {self.label} closed by the client"))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _token_tensor(ids: Sequence[int]) -> Tensor:
+    return Tensor("int32", (1, len(ids)), np.asarray(ids, dtype="<i4").tobytes())
+
+
+def _raise_if_error(item: Frame | Exception) -> Frame:
+    if isinstance(item, Exception):
+        raise item
+    if item.kind is Kind.ERROR:
+        try:
+            report = ErrorReport.model_validate(item.meta)
+        except ValueError:
+            raise PipelineError(f"stage {item.stage} failed without a readable report") from None
+        raise (StageLost if report.next_stage_lost else PipelineError)(f"{report.stage}: {report.message}")
+    return item
+
+
+class PipelineClient:
+    """Sends requests through stage routes; reuse one per process and `aclose()` it at the end."""
+
+    def __init__(
+        self,
+        *,
+        prefill_chunk: int = 512,
+        connect_timeout_s: float = 3.0,
+        heartbeat_interval_s: float = 0.5,
+        dead_after_s: float = 2.5,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: must be at least 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._connect_timeout_s = connect_timeout_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._dead_after_s = dead_after_s
+        self._connections: dict[tuple[str, int], _StageConnection] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def _connection(self, address: StageAddress) -> _StageConnection:
+        key = (address.host, address.port)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            conn = self._connections.get(key)
+            if conn is not None and conn.failure is None:
+                return conn
+            try:
+                reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise StageLost(f"cannot reach stage {address}: {exc or 'timed out'}") from None
+            conn = _StageConnection(
+                host=address.host, port=address.port, reader=reader, writer=writer,
+                heartbeat_interval_s=self._heartbeat_interval_s, dead_after_s=self._dead_after_s,
+            )  # fmt: skip
+            self._connections[key] = conn
+            return conn
+
+    async def generate(
+        self,
+        route: Sequence[StageAddress],
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Iterable[int] = (),
+    ) -> AsyncIterator[int]:
+        """Yield sampled token ids (a stop id ends the stream and is not yielded). Closing the
+        iterator early (`aclose()`, or leaving `async with contextlib.aclosing(...)`) frees the
+        request on every stage."""
+        if not route:
+            raise ValueError("route: must name at least one stage")
+        if not prompt_ids:
+            raise ValueError("prompt_ids: must hold at least one token")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
+        sampling = SamplingParams(
+            temperature=temperature, top_p=top_p, seed=secrets.randbits(62) if seed is None else seed
+        )
+        stops = frozenset(stop_ids)
+        ids = [int(t) for t in prompt_ids]
+        if max_tokens == 0:
+            return
+        request_id = secrets.randbits(63) + 1
+        queue: asyncio.Queue[Frame | Exception] = asyncio.Queue()
+        conns: list[_StageConnection] = []
+        try:
+            for address in route:
+                conn = await self._connection(address)
+                conn.requests[request_id] = queue
+                conns.append(conn)
+            for index, (address, conn) in enumerate(zip(route, conns)):
+                nxt = route[index + 1] if index + 1 < len(route) else None
+                spec = OpenRequest(shard=address.shard, next=nxt, sampling=sampling)
+                conn.send(Frame(Kind.OPEN, request_id, stage=index, meta=spec.model_dump(mode="json")))
+            waiting = set(range(len(route)))
+            while waiting:
+                frame = _raise_if_error(await queue.get())
+                if frame.kind is Kind.OPENED:
+                    waiting.discard(frame.stage)
+
+            entry, position = conns[0], 0
+            while len(ids) - position > 1:  # same chunking as mlx_lm.generate_step
+                n = min(self.prefill_chunk, len(ids) - position - 1)
+                entry.send(Frame(Kind.FORWARD, request_id, position=position, tensor=_token_tensor(ids[position : position + n])))
+                position += n
+            entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position, tensor=_token_tensor(ids[position:])))
+            position = len(ids)
+            for produced in range(1, max_tokens + 1):
+                frame = _raise_if_error(await queue.get())
+                if frame.kind is not Kind.TOKEN:
+                    raise PipelineError(f"stage {frame.stage} sent an unexpected {frame.kind.name} frame")
+                if frame.token in stops:
+                    return
+                yield frame.token
+                if produced == max_tokens:
+                    return
+                entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position, tensor=_token_tensor([frame.token])))
+                position += 1
+        finally:
+            for index, conn in enumerate(conns):
+                conn.requests.pop(request_id, None)
+                if conn.failure is None:
+                    conn.send(Frame(Kind.END, request_id, stage=index))
+
+    async def aclose(self) -> None:
+        conns = list(self._connections.values())
+        self._connections.clear()
+        await asyncio.gather(*(c.close() for c in conns))
+
+    async def __aenter__(self) -> PipelineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def generate_tokens(
+    route: Sequence[StageAddress],
+    prompt_ids: Sequence[int],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Iterable[int] = (),
+) -> AsyncIterator[int]:
+    """One request on a client of its own (see `PipelineClient.generate`)."""
+    async with PipelineClient() as client:
+        tokens = client.generate(
+            route, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids
+        )
+        async with contextlib.aclosing(tokens):
+            async for token in tokens:
+                yield token

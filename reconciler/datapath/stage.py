@@ -1,0 +1,345 @@
+"""The stage server: runs loaded shards for pipeline requests and passes hidden states on.
+
+One asyncio TCP server per node hosts any number of shards (keyed by name). For each request
+it keeps a KV cache, runs `forward` on the shard's compute thread, and sends the result to the
+next stage over a persistent connection, or (last stage) samples and sends the token id back to
+the request's origin. A request's state is dropped when the origin ends it, when the origin's
+connection closes, or when its next hop is lost (the origin is told with an ERROR frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_p
+
+from reconciler.datapath.wire import (
+    FLAG_SAMPLE,
+    ConnectionClosed,
+    ErrorReport,
+    Frame,
+    Kind,
+    OpenRequest,
+    SamplingParams,
+    StageAddress,
+    WireError,
+    array_to_tensor,
+    open_connection,
+    read_frame,
+    set_nodelay,
+    tensor_to_array,
+    write_frame,
+)
+from reconciler.runtime.shard_model import ShardModel
+
+log = logging.getLogger(__name__)
+
+
+class _Peer:
+    """One TCP connection; writes are queued synchronously so frame order is preserved."""
+
+    def __init__(self, writer: asyncio.StreamWriter, label: str) -> None:
+        self.writer = writer
+        self.label = label
+        self.closed = False
+
+    def send(self, frame: Frame) -> bool:
+        if self.closed or self.writer.is_closing():
+            return False
+        write_frame(self.writer, frame)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.writer.close()
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    stage: int
+    shard_name: str
+    shard: ShardModel
+    origin: _Peer
+    next_hop: _Peer | None
+    sampling: SamplingParams
+    rng_key: Any = None  # per-request random key, split once per sampled token
+    cache: list[Any] | None = None
+    offset: int = 0
+    ended: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.request_id, self.stage)
+
+
+class StageError(RuntimeError):
+    """A request cannot go on at this stage (reported to the origin, never raised to the loop)."""
+
+
+def _sample(request: _Request, logprobs: mx.array) -> int:
+    """Greedy at temperature 0, else top-p + categorical with the request's own key (the same
+    draws as mlx_lm's make_sampler after mx.random.seed(seed))."""
+    params = request.sampling
+    if params.temperature == 0:
+        return int(mx.argmax(logprobs, axis=-1).item())
+    if request.rng_key is None:
+        request.rng_key = mx.random.key(params.seed)
+    request.rng_key, draw_key = mx.random.split(request.rng_key)
+    if 0 < params.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, params.top_p)
+    token = mx.random.categorical(logprobs * (1.0 / params.temperature), key=draw_key)
+    return int(token.item())
+
+
+def _compute(request: _Request, frame: Frame) -> Frame | None:
+    """Runs on the shard's compute thread: one chunk through this stage."""
+    if request.ended:
+        return None
+    if frame.tensor is None:
+        raise StageError("FORWARD frame carries no tensor")
+    if frame.position != request.offset:
+        raise StageError(f"chunk starts at position {frame.position}, but the cache holds {request.offset}")
+    shard = request.shard
+    if request.cache is None:
+        request.cache = shard.make_cache()
+    x = tensor_to_array(frame.tensor)
+    out = shard.forward(x, cache=request.cache)
+    request.offset += x.shape[1]
+    if not shard.is_last:
+        return Frame(
+            Kind.FORWARD, request.request_id, stage=request.stage + 1, flags=frame.flags,
+            position=frame.position, tensor=array_to_tensor(out),
+        )  # fmt: skip
+    if not frame.flags & FLAG_SAMPLE:
+        mx.eval([c.state for c in request.cache])  # prefill: the logits are never computed
+        return None
+    logits = out[:, -1, :]
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=_sample(request, logprobs))
+
+
+def _release(request: _Request) -> None:
+    """Runs on the compute thread after any queued chunk of the request: frees its KV cache."""
+    request.cache = None
+
+
+class StageServer:
+    """Hosts loaded shards behind one TCP port. Start with `await start()`, stop with `stop()`."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0) -> None:
+        self.host = host
+        self._port = port
+        self._connect_timeout_s = connect_timeout_s
+        self._shards: dict[str, ShardModel] = {}
+        self._requests: dict[tuple[int, int], _Request] = {}
+        self._links: dict[tuple[str, int], _Peer] = {}
+        self._link_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._peers: set[_Peer] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # next-hop watchers
+        self._handlers: set[asyncio.Task[None]] = set()  # accepted connections
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._serve, self.host, self._port)
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for request in list(self._requests.values()):
+            self._end(request)
+        for peer in list(self._peers) + list(self._links.values()):
+            peer.close()  # their readers see EOF and finish on their own
+        if pending := self._handlers | self._tasks:
+            await asyncio.wait(pending, timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> StageServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def address(self, shard: str) -> StageAddress:
+        """The route entry that reaches `shard` on this server."""
+        return StageAddress(host=self.host, port=self._port, shard=shard)
+
+    # -- shards ----------------------------------------------------------------------------
+
+    def add_shard(self, name: str, shard: ShardModel) -> None:
+        if name in self._shards:
+            raise ValueError(f"shard {name!r} is already served here")
+        self._shards[name] = shard
+
+    def remove_shard(self, name: str) -> ShardModel:
+        """Stop serving `name`; its requests fail at their origins. The caller closes the shard."""
+        shard = self._shards.pop(name)
+        for request in [r for r in self._requests.values() if r.shard_name == name]:
+            self._fail(request, f"shard {name!r} was unloaded")
+        return shard
+
+    def active_requests(self, shard: str | None = None) -> int:
+        return sum(1 for r in self._requests.values() if shard is None or r.shard_name == shard)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        set_nodelay(writer)
+        host, port = writer.get_extra_info("peername")[:2]
+        peer = _Peer(writer, f"{host}:{port}")
+        self._peers.add(peer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        try:
+            while True:
+                await self._dispatch(peer, await read_frame(reader))
+        except ConnectionClosed:
+            pass
+        except (WireError, OSError) as exc:
+            log.warning("stage %s: dropping connection from %s: %s", self._port, peer.label, exc)
+        finally:
+            self._peers.discard(peer)
+            for request in [r for r in self._requests.values() if r.origin is peer]:
+                self._end(request)
+            peer.close()
+
+    async def _link(self, address: StageAddress) -> _Peer:
+        """The persistent connection to a next stage (opened on first use)."""
+        key = (address.host, address.port)
+        async with self._link_locks.setdefault(key, asyncio.Lock()):
+            link = self._links.get(key)
+            if link is not None and not link.closed:
+                return link
+            reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+            link = _Peer(writer, f"{address.host}:{address.port}")
+            self._links[key] = link
+            self._spawn(self._watch_link(key, link, reader), name=f"stage-link-{address.host}:{address.port}")
+            return link
+
+    async def _watch_link(self, key: tuple[str, int], link: _Peer, reader: asyncio.StreamReader) -> None:
+        """Next stages never write back; reading only notices the connection going away."""
+        with contextlib.suppress(ConnectionClosed, WireError, OSError):
+            while True:
+                await read_frame(reader)
+        link.close()
+        if self._links.get(key) is link:
+            del self._links[key]
+        for request in [r for r in self._requests.values() if r.next_hop is link]:
+            self._fail(request, f"lost the connection to the next stage at {link.label}", next_stage_lost=True)
+
+    # -- protocol --------------------------------------------------------------------------
+
+    async def _dispatch(self, peer: _Peer, frame: Frame) -> None:
+        if frame.kind is Kind.FORWARD:
+            self._forward(frame)
+        elif frame.kind is Kind.OPEN:
+            await self._open(peer, frame)
+        elif frame.kind is Kind.END:
+            request = self._requests.get((frame.request_id, frame.stage))
+            if request is not None:
+                self._end(request)
+        elif frame.kind is Kind.PING:
+            peer.send(Frame(Kind.PONG, frame.request_id))
+        else:
+            raise WireError(f"a stage does not accept {frame.kind.name} frames")
+
+    async def _open(self, peer: _Peer, frame: Frame) -> None:
+        def refuse(message: str) -> None:
+            report = ErrorReport(stage=f"stage {frame.stage} on port {self._port}", message=message)
+            peer.send(Frame(Kind.ERROR, frame.request_id, stage=frame.stage, meta=report.model_dump()))
+
+        try:
+            spec = OpenRequest.model_validate(frame.meta)
+        except ValueError as exc:
+            return refuse(f"invalid OPEN metadata: {exc}")
+        shard = self._shards.get(spec.shard)
+        if shard is None:
+            return refuse(f"shard {spec.shard!r} is not served here (serving {sorted(self._shards)})")
+        if (spec.next is None) != shard.is_last:
+            where = "has no next stage" if spec.next is None else f"continues to {spec.next}"
+            return refuse(f"shard {spec.shard!r} holds layers [{shard.start}, {shard.end}) of "
+                          f"{shard.num_layers}, but the route {where}")  # fmt: skip
+        link = None
+        if spec.next is not None:
+            try:
+                link = await self._link(spec.next)
+            except (OSError, asyncio.TimeoutError) as exc:
+                return refuse(f"cannot reach the next stage {spec.next}: {exc or 'timed out'}")
+        request = _Request(
+            request_id=frame.request_id, stage=frame.stage, shard_name=spec.shard, shard=shard,
+            origin=peer, next_hop=link, sampling=spec.sampling,
+        )  # fmt: skip
+        old = self._requests.get(request.key)
+        if old is not None:
+            self._end(old)
+        self._requests[request.key] = request
+        peer.send(Frame(Kind.OPENED, frame.request_id, stage=frame.stage))
+
+    def _forward(self, frame: Frame) -> None:
+        request = self._requests.get((frame.request_id, frame.stage))
+        if request is None:
+            return  # ended or cancelled while this chunk was in flight
+        loop = self._loop
+        assert loop is not None
+        future = request.shard.compute.submit(_compute, request, frame)
+        # Done-callbacks fire on the compute thread in completion (= submission) order, so the
+        # frames of one request reach the next hop in order.
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._deliver, request, f))
+
+    def _deliver(self, request: _Request, future: concurrent.futures.Future[Frame | None]) -> None:
+        if request.ended or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            if not isinstance(exc, StageError):
+                log.exception("stage %s: request %x failed", self._port, request.request_id, exc_info=exc)
+            return self._fail(request, f"{type(exc).__name__}: {exc}")
+        out = future.result()
+        if out is None:
+            return
+        target = request.origin if out.kind is Kind.TOKEN else request.next_hop
+        if target is None or not target.send(out):
+            self._fail(request, "the connection to the next stage is closed", next_stage_lost=True)
+
+    def _end(self, request: _Request) -> None:
+        request.ended = True
+        if self._requests.get(request.key) is request:
+            del self._requests[request.key]
+        with contextlib.suppress(RuntimeError):  # the compute thread is already shut down
+            request.shard.compute.submit(_release, request)
+
+    def _fail(self, request: _Request, message: str, *, next_stage_lost: bool = False) -> None:
+        self._end(request)
+        report = ErrorReport(
+            stage=f"{request.shard_name} (stage {request.stage}, port {self._port})",
+            message=message,
+            next_stage_lost=next_stage_lost,
+        )
+        request.origin.send(Frame(Kind.ERROR, request.request_id, stage=request.stage, meta=report.model_dump()))

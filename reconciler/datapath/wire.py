@@ -1,0 +1,266 @@
+"""Data-path framing: a fixed binary header, optional JSON metadata, then raw tensor bytes.
+
+Frame layout (network byte order): magic "XS", version, kind, stage, flags, request id (u64),
+position (u32), token (i32), dtype, ndim, shape (4 x u32), metadata length (u32), data length
+(u64); then the metadata (UTF-8 JSON, control frames only) and the tensor's raw bytes. Encoding
+and decoding here never touch MLX; `array_to_tensor`/`tensor_to_array` do, on a compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+MAGIC = b"XS"
+VERSION = 1
+HEADER = struct.Struct("!2sBBBBQIiBBxx4IIQ")
+MAX_NDIM = 4
+MAX_META_BYTES = 1 << 20
+MAX_DATA_BYTES = 1 << 31
+NO_TOKEN = -1
+
+FLAG_SAMPLE = 1  # the last stage samples a token from this chunk's final position
+
+
+class Kind(enum.IntEnum):
+    OPEN = 1  # origin -> every stage: meta = OpenRequest
+    OPENED = 2  # stage -> origin: the request is set up on that stage
+    FORWARD = 3  # origin -> stage 0 (token ids), stage i -> stage i+1 (hidden states)
+    TOKEN = 4  # last stage -> origin: `token` holds the sampled id
+    END = 5  # origin -> every stage: free the request (done or cancelled)
+    ERROR = 6  # stage -> origin: meta = ErrorReport; the request is dropped on that stage
+    PING = 7
+    PONG = 8
+
+
+# Wire dtype codes; numpy has no bfloat16, so bf16 travels as its raw 16-bit pattern.
+DTYPES: dict[str, tuple[int, int]] = {  # name -> (code, item size)
+    "bfloat16": (1, 2),
+    "float16": (2, 2),
+    "float32": (3, 4),
+    "int32": (4, 4),
+    "uint32": (5, 4),
+}
+DTYPE_NAMES = {code: name for name, (code, _) in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A frame that does not follow the protocol."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection (cleanly or mid-frame)."""
+
+
+class StageAddress(BaseModel):
+    """Where one pipeline stage runs: a stage server's host:port and the shard name it hosts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    shard: str = Field(min_length=1)
+
+    def __str__(self) -> str:
+        return f"{self.shard}@{self.host}:{self.port}"
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, lt=1 << 63)
+
+
+class OpenRequest(BaseModel):
+    """Sets up one request on one stage: which shard runs it and where its output goes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shard: str
+    next: StageAddress | None = None  # None: this is the last stage; it samples
+    sampling: SamplingParams = SamplingParams()
+
+
+class ErrorReport(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: str
+    message: str
+    next_stage_lost: bool = False  # the stage lost its connection to the next one
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor as it travels: dtype name, shape and C-contiguous raw bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise WireError(f"tensor dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if len(self.shape) > MAX_NDIM:
+            raise WireError(f"tensor has {len(self.shape)} dimensions, at most {MAX_NDIM} travel")
+        expected = DTYPES[self.dtype][1]
+        for dim in self.shape:
+            expected *= dim
+        if expected != len(self.data):
+            raise WireError(f"tensor {self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    request_id: int
+    stage: int = 0  # index in the route of the stage this frame is for (or from)
+    flags: int = 0
+    position: int = 0  # FORWARD: sequence position of the chunk's first row
+    token: int = NO_TOKEN  # TOKEN: the sampled token id
+    meta: dict[str, Any] | None = None
+    tensor: Tensor | None = None
+
+
+def encode_frame(frame: Frame) -> tuple[bytes, bytes | memoryview]:
+    """Header + metadata, and the tensor bytes (kept apart so they are never copied here)."""
+    meta = json.dumps(frame.meta, separators=(",", ":")).encode() if frame.meta is not None else b""
+    if len(meta) > MAX_META_BYTES:
+        raise WireError(f"frame metadata is {len(meta)} bytes, at most {MAX_META_BYTES}")
+    tensor = frame.tensor
+    if tensor is None:
+        dtype, shape, data = 0, (), b""
+    else:
+        dtype, shape, data = DTYPES[tensor.dtype][0], tensor.shape, tensor.data
+    header = HEADER.pack(
+        MAGIC, VERSION, int(frame.kind), frame.stage, frame.flags, frame.request_id,
+        frame.position, frame.token, dtype, len(shape), *shape, *([0] * (MAX_NDIM - len(shape))),
+        len(meta), len(data),
+    )  # fmt: skip
+    return header + meta, data
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    request_id: int
+    stage: int
+    flags: int
+    position: int
+    token: int
+    dtype: int
+    shape: tuple[int, ...]
+    meta_len: int
+    data_len: int
+
+
+def decode_header(raw: bytes) -> Header:
+    if len(raw) != HEADER.size:
+        raise WireError(f"header is {len(raw)} bytes, expected {HEADER.size}")
+    (magic, version, kind, stage, flags, request_id, position, token, dtype, ndim,
+     s0, s1, s2, s3, meta_len, data_len) = HEADER.unpack(raw)  # fmt: skip
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}: not an exoctl data-path peer")
+    if version != VERSION:
+        raise WireError(f"protocol version {version}, this node speaks {VERSION}")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise WireError(f"unknown frame kind {kind}") from None
+    if ndim > MAX_NDIM:
+        raise WireError(f"tensor has {ndim} dimensions, at most {MAX_NDIM}")
+    if dtype and dtype not in DTYPE_NAMES:
+        raise WireError(f"unknown dtype code {dtype}")
+    if meta_len > MAX_META_BYTES or data_len > MAX_DATA_BYTES:
+        raise WireError(f"frame too large: {meta_len} metadata bytes, {data_len} data bytes")
+    return Header(kind, request_id, stage, flags, position, token, dtype, (s0, s1, s2, s3)[:ndim], meta_len, data_len)
+
+
+def decode_body(header: Header, meta: bytes, data: bytes) -> Frame:
+    try:
+        meta_obj = json.loads(meta) if meta else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WireError(f"frame metadata is not JSON: {exc}") from None
+    tensor = Tensor(DTYPE_NAMES[header.dtype], header.shape, data) if header.dtype else None
+    if tensor is None and data:
+        raise WireError(f"frame carries {len(data)} data bytes but no dtype")
+    return Frame(
+        kind=header.kind, request_id=header.request_id, stage=header.stage, flags=header.flags,
+        position=header.position, token=header.token, meta=meta_obj, tensor=tensor,
+    )  # fmt: skip
+
+
+def decode_frame(raw: bytes) -> Frame:
+    """Decode one whole frame held in memory (the inverse of `encode_frame`)."""
+    header = decode_header(raw[: HEADER.size])
+    body = raw[HEADER.size :]
+    if len(body) != header.meta_len + header.data_len:
+        raise WireError(f"frame body is {len(body)} bytes, header says {header.meta_len + header.data_len}")
+    return decode_body(header, body[: header.meta_len], body[header.meta_len :])
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    try:
+        header = decode_header(await reader.readexactly(HEADER.size))
+        meta = await reader.readexactly(header.meta_len) if header.meta_len else b""
+        data = await reader.readexactly(header.data_len) if header.data_len else b""
+    except asyncio.IncompleteReadError:
+        raise ConnectionClosed("peer closed the connection") from None
+    except ConnectionResetError as exc:
+        raise ConnectionClosed(f"connection reset: {exc}") from None
+    return decode_body(header, meta, data)
+
+
+def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> None:
+    """Queue a frame on the transport (no await: frames from one caller keep their order)."""
+    head, data = encode_frame(frame)
+    writer.write(head)
+    if data:
+        writer.write(data)
+
+
+async def open_connection(host: str, port: int, *, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection with Nagle's algorithm off (frames are small and latency-bound)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    set_nodelay(writer)
+    return reader, writer
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    import socket
+
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def array_to_tensor(array: mx.array) -> Tensor:
+    """Raw bytes of an MLX array (evaluates it); call on the array's compute thread."""
+    import mlx.core as mx
+
+    name = str(array.dtype).removeprefix("mlx.core.")
+    array = mx.contiguous(array)
+    mx.eval(array)
+    return Tensor(name, tuple(array.shape), memoryview(array).cast("B"))
+
+
+def tensor_to_array(tensor: Tensor) -> mx.array:
+    """An MLX array from wire bytes; call on the compute thread that will use it."""
+    import mlx.core as mx
+    import numpy as np
+
+    if tensor.dtype == "bfloat16":
+        flat = mx.array(np.frombuffer(tensor.data, dtype=np.uint16)).view(mx.bfloat16)
+    else:
+        flat = mx.array(np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype)))
+    return flat.reshape(tensor.shape)

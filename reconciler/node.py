@@ -22,9 +22,11 @@ JOIN_TIMEOUT = 60.0
 def build_http_app(*, store: RaftStore, config: NodeConfig) -> web.Application:
     """The node's API app (reconciler.server.app) with the membership routes mounted."""
     from reconciler.server.app import create_app
+    from reconciler.server.dashboard import add_dashboard_routes
 
     app = create_app(store=store, token=config.secret, node_name=config.name)
     add_membership_routes(app, store=store, secret=config.secret)
+    add_dashboard_routes(app)
     return app
 
 

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from reconciler.server import create_app
 from reconciler.store.memory import MemoryStore
 
-from server_helpers import TOKEN
+from tests.server.server_helpers import TOKEN
 
 
 class NodeLikeServer(TestServer):

@@ -2,7 +2,8 @@
 
 Other parts of the node mount their routes on the returned app before it starts (membership
 under /internal, the OpenAI API under /v1, /metrics, the dashboard at /). Everything under
-/apis/ and /internal/ needs the bearer token; everything else is public.
+/apis/, /internal/ and /v1/ needs the bearer token; everything else is public. Errors under /v1/
+take OpenAI's shape instead of a Status.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from aiohttp import web
 
 from reconciler.server.errors import ApiError, status_response
 from reconciler.server.keys import NODE, STORE, WATCHES, NodeInfo, Watches
+from reconciler.server.openai_errors import is_openai_path, openai_error_response
 from reconciler.server.resources import add_resource_routes
 from reconciler.store.base import Store
 
 log = logging.getLogger(__name__)
-PROTECTED_PREFIXES = ("/apis", "/internal")
+PROTECTED_PREFIXES = ("/apis", "/internal", "/v1")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -46,6 +48,10 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if (is_protected(request.path) or is_protected(_route_path(request))) and not token_matches(
                 request.headers.get("Authorization"), token):
+            if is_openai_path(request.path):
+                return openai_error_response(401, "Incorrect API key provided: send Authorization: Bearer <the "
+                                             "cluster token>", code="invalid_api_key",
+                                             headers={"WWW-Authenticate": 'Bearer realm="exo"'})
             raise ApiError(401, "Unauthorized: send Authorization: Bearer <token> (the cluster token)",
                            headers={"WWW-Authenticate": 'Bearer realm="exo"'})
         return await handler(request)
@@ -66,10 +72,15 @@ async def _status_errors(request: web.Request, handler: Handler) -> web.StreamRe
         headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
         message = {404: f"the server could not find the requested resource ({request.path})",
                    405: f"method {request.method} is not allowed on {request.path}"}.get(error.status, error.reason)
+        if is_openai_path(request.path):
+            return openai_error_response(error.status, message, headers=headers)
         return status_response(error.status, message, headers=headers)
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
-        return status_response(500, "internal error while handling the request; see the node's log")
+        message = "internal error while handling the request; see the node's log"
+        if is_openai_path(request.path):
+            return openai_error_response(500, message)
+        return status_response(500, message)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,373 @@
+"""The OpenAI-compatible API of a node: ``GET /v1/models``, ``POST /v1/chat/completions`` and
+``POST /v1/completions``, streaming (server-sent events) or not, over an ``InferenceBackend``.
+
+The app's auth middleware guards ``/v1/`` (the cluster token is the API key). A client that
+leaves mid-request cancels its generation (the backend's token iterator is closed).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from reconciler.inference.backend import InferenceBackend, ModelHandle, NotReady, PipelineError
+from reconciler.inference.text import TextDeltas
+from reconciler.metrics import NodeMetrics
+from reconciler.server.openai_errors import OpenAIError
+from reconciler.server.openai_requests import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationOptions,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+)
+
+CLIENT_GONE = "499"  # the metrics status of a request whose client left (nginx's convention)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Handler = Callable[[web.Request], Any]
+
+
+def add_openai_routes(app: web.Application, *, backend: InferenceBackend, metrics: NodeMetrics | None = None,
+                      clock: Callable[[], float] = time.time,
+                      monotonic: Callable[[], float] = time.monotonic) -> None:
+    api = OpenAIApi(backend=backend, metrics=metrics, clock=clock, monotonic=monotonic)
+    app.router.add_get("/v1/models", _answering_errors(api.list_models))
+    app.router.add_get("/v1/models/{model:.+}", _answering_errors(api.get_model))
+    app.router.add_post("/v1/chat/completions", _answering_errors(api.chat_completions))
+    app.router.add_post("/v1/completions", _answering_errors(api.completions))
+
+
+def _answering_errors(handler: Handler) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as error:
+            return error.response()
+    return handle
+
+
+# --- response shapes ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Shape:
+    """How chat and text completions differ on the wire."""
+
+    chat: bool
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    @property
+    def id_prefix(self) -> str:
+        return "chatcmpl-" if self.chat else "cmpl-"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def delta(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+CHAT, TEXT = _Shape(chat=True), _Shape(chat=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+# --- one generation ----------------------------------------------------------------------------
+
+class _Generation:
+    """One request's generation: token ids → text pieces, with the counts, the finish reason and
+    the metrics. Iterate ``pieces()`` (and close it to cancel)."""
+
+    def __init__(self, *, handle: ModelHandle, prompt_ids: list[int], options: GenerationOptions,
+                 observe: "_Observer") -> None:
+        self.handle, self.prompt_ids, self.options, self.observe = handle, prompt_ids, options, observe
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        tokenizer = self.handle.tokenizer
+        eos = set(tokenizer.eos_token_ids)
+        text = TextDeltas(tokenizer.detokenizer, stops=self.options.stop)
+        self.observe.started(len(self.prompt_ids))
+        tokens = self.handle.generate(self.prompt_ids, self.options.params)
+        async with contextlib.aclosing(tokens):
+            async for token in tokens:
+                self.observe.token()
+                if token in eos:
+                    self.finish_reason = "stop"
+                    break
+                self.completion_tokens += 1
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    self.finish_reason = "stop"
+                    return
+                if self.completion_tokens >= self.options.params.max_tokens:
+                    self.finish_reason = "length"
+                    break
+            else:
+                self.finish_reason = "stop"  # the backend ended the stream: an end of sequence
+        tail = text.finish()
+        if tail:
+            yield tail
+
+
+class _Observer:
+    """The metrics of one request (a no-op without a ``NodeMetrics``)."""
+
+    def __init__(self, metrics: NodeMetrics | None, *, model: str, monotonic: Callable[[], float]) -> None:
+        self.metrics, self.model, self.monotonic = metrics, model, monotonic
+        self.received = monotonic()
+        self.last_token: float | None = None
+        self.generated = 0
+        self.in_flight = False
+
+    def started(self, prompt_tokens: int) -> None:
+        if self.metrics:
+            self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
+            self.metrics.inference_in_flight.labels(self.model).inc()
+            self.in_flight = True
+
+    def token(self) -> None:
+        now = self.monotonic()
+        if self.metrics:
+            if self.last_token is None:
+                self.metrics.time_to_first_token.labels(self.model).observe(now - self.received)
+            else:
+                self.metrics.inter_token_seconds.labels(self.model).observe(now - self.last_token)
+        self.last_token = now
+
+    def finished(self, status: int | str, *, completion_tokens: int = 0) -> None:
+        if not self.metrics:
+            return
+        self.metrics.inference_requests.labels(self.model, str(status)).inc()
+        if completion_tokens:
+            self.metrics.generated_tokens.labels(self.model).inc(completion_tokens)
+        if self.in_flight:
+            self.metrics.inference_in_flight.labels(self.model).dec()
+            self.in_flight = False
+
+
+# --- the API -----------------------------------------------------------------------------------
+
+class OpenAIApi:
+    def __init__(self, *, backend: InferenceBackend, metrics: NodeMetrics | None,
+                 clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+        self.backend, self.metrics, self.clock, self.monotonic = backend, metrics, clock, monotonic
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [_model_object(card) for card in self.backend.models()]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for card in self.backend.models():
+            if card.answers_to(name):
+                return web.json_response(_model_object(card))
+        raise _model_not_found(name)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        observe = self._observer(None)
+        try:
+            chat = parse_chat_request(await _read_body(request))
+            observe = self._observer(chat.options.model)
+            handle = self._resolve(chat.options.model)
+            prompt_ids = _chat_prompt_ids(handle, chat)
+        except OpenAIError as error:
+            observe.finished(error.status)
+            raise
+        return await self._respond(request, handle=handle, prompt_ids=prompt_ids, options=chat.options,
+                                   shape=CHAT, observe=observe)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        observe = self._observer(None)
+        try:
+            completion = parse_completion_request(await _read_body(request))
+            observe = self._observer(completion.options.model)
+            handle = self._resolve(completion.options.model)
+            prompt_ids = _completion_prompt_ids(handle, completion)
+        except OpenAIError as error:
+            observe.finished(error.status)
+            raise
+        return await self._respond(request, handle=handle, prompt_ids=prompt_ids, options=completion.options,
+                                   shape=TEXT, observe=observe)
+
+    def _observer(self, model: str | None) -> _Observer:
+        # Label by the deployment name; requests for unknown models share "" (no label explosion).
+        label = next((card.name for card in self.backend.models() if model and card.answers_to(model)), "")
+        return _Observer(self.metrics, model=label, monotonic=self.monotonic)
+
+    def _resolve(self, model: str) -> ModelHandle:
+        try:
+            return self.backend.resolve(model)
+        except KeyError:
+            raise _model_not_found(model) from None
+        except NotReady as error:
+            raise _not_ready(error) from None
+
+    async def _respond(self, request: web.Request, *, handle: ModelHandle, prompt_ids: list[int],
+                       options: GenerationOptions, shape: _Shape, observe: _Observer) -> web.StreamResponse:
+        run = _Generation(handle=handle, prompt_ids=prompt_ids, options=options, observe=observe)
+        head = {"id": shape.id_prefix + secrets.token_hex(12), "created": int(self.clock()), "model": options.model}
+        status: int | str = CLIENT_GONE
+        try:
+            if options.stream:
+                response, status = await _stream(request, run=run, head=head, shape=shape)
+                return response
+            response = await _complete(request, run=run, head=head, shape=shape)
+            status = response.status if not _client_gone(request) else CLIENT_GONE
+            return response
+        except OpenAIError as error:
+            status = error.status
+            raise
+        finally:
+            observe.finished(status, completion_tokens=run.completion_tokens)
+
+
+async def _complete(request: web.Request, *, run: _Generation, head: dict, shape: _Shape) -> web.Response:
+    pieces: list[str] = []
+    try:
+        async with contextlib.aclosing(run.pieces()) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+                if _client_gone(request):
+                    return web.Response(status=499)  # nobody reads it; generation is cancelled
+    except (PipelineError, NotReady) as failure:
+        raise _generation_failed(failure) from None
+    body = {**head, "object": shape.object, "choices": [shape.choice("".join(pieces), run.finish_reason)],
+            "usage": usage(len(run.prompt_ids), run.completion_tokens)}
+    return web.json_response(body, dumps=lambda data: json.dumps(data, ensure_ascii=False))
+
+
+async def _stream(request: web.Request, *, run: _Generation, head: dict,
+                  shape: _Shape) -> tuple[web.StreamResponse, int | str]:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    include_usage = run.options.include_usage
+
+    def chunk(choice: dict | None) -> bytes:
+        data = {**head, "object": shape.chunk_object, "choices": [choice] if choice else []}
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    try:
+        await response.prepare(request)
+        if shape.chat:
+            await response.write(chunk(shape.delta(None, None, first=True)))
+        try:
+            async with contextlib.aclosing(run.pieces()) as stream:
+                async for piece in stream:
+                    await response.write(chunk(shape.delta(piece, None)))
+        except (PipelineError, NotReady) as failure:
+            error = _generation_failed(failure)
+            await response.write(sse(error.body()))
+            await response.write_eof()
+            return response, error.status
+        await response.write(chunk(shape.delta(None, run.finish_reason)))
+        if include_usage:
+            await response.write(sse({**head, "object": shape.chunk_object, "choices": [],
+                                      "usage": usage(len(run.prompt_ids), run.completion_tokens)}))
+        await response.write(sse("[DONE]"))
+        await response.write_eof()
+    except ConnectionResetError:  # the client left: the generation was closed on the way out
+        return response, CLIENT_GONE
+    return response, 200
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+def _chat_prompt_ids(handle: ModelHandle, chat: ChatRequest) -> list[int]:
+    try:
+        ids = handle.tokenizer.apply_chat_template(list(chat.messages), add_generation_prompt=True)
+    except Exception as error:  # jinja's or the tokenizer's complaint about these messages
+        raise OpenAIError(400, f"messages: the model's chat template rejected them: {error}", param="messages",
+                          code="invalid_value") from None
+    return _checked_ids(list(ids), param="messages")
+
+
+def _completion_prompt_ids(handle: ModelHandle, completion: CompletionRequest) -> list[int]:
+    tokenizer = handle.tokenizer
+    if isinstance(completion.prompt, tuple):
+        ids = list(completion.prompt)
+        vocab = len(tokenizer)
+        if any(t >= vocab for t in ids):
+            raise OpenAIError(400, f"prompt: token ids must be below the vocabulary size {vocab}, got "
+                                   f"{max(ids)}", param="prompt", code="invalid_value")
+        return _checked_ids(ids, param="prompt")
+    # Like mlx_lm: add the BOS token unless the text already starts with it.
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = bos is None or not completion.prompt.startswith(bos)
+    return _checked_ids(list(tokenizer.encode(completion.prompt, add_special_tokens=add_special)), param="prompt")
+
+
+def _checked_ids(ids: list[int], *, param: str) -> list[int]:
+    if not ids:
+        raise OpenAIError(400, f"{param}: the prompt is empty after tokenization", param=param, code="invalid_value")
+    return ids
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as error:
+        raise OpenAIError(413, f"the request body is too large: {error.text}", code="request_too_large") from None
+    return parse_json_body(raw)
+
+
+# --- errors and model objects ------------------------------------------------------------------
+
+def _model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model `{model}` does not exist on this cluster (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _not_ready(error: NotReady) -> OpenAIError:
+    retry_after = max(1, math.ceil(error.retry_after))
+    return OpenAIError(503, f"{error.message} (retry after {retry_after}s)", code="model_not_ready",
+                       headers={"Retry-After": str(retry_after)})
+
+
+def _generation_failed(failure: PipelineError | NotReady) -> OpenAIError:
+    if isinstance(failure, NotReady):
+        return _not_ready(failure)
+    return OpenAIError(502, f"generation failed: {failure.message}", code="pipeline_error")
+
+
+def _model_object(card: Any) -> dict:
+    return {"id": card.name, "object": "model", "created": card.created, "owned_by": "exo",
+            "served_name": card.served_name, "ready": card.ready, "state": card.state, "source": card.source}

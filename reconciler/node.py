@@ -1,16 +1,27 @@
-"""``ExoNode``: one node of the cluster — config, Raft store, HTTP API and membership routes."""
+"""``ExoNode``: one node of the cluster. It forms or joins the Raft cluster, then runs the node's
+services: the HTTP API (control plane, OpenAI API, dashboard, metrics), the stage server of the
+data path, node registration, and the controllers."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 
 from reconciler.config import NodeConfig
+from reconciler.controllers.manager import ControllerManager
+from reconciler.controllers.node_lifecycle import NodeLifecycleController
+from reconciler.controllers.node_registration import NodeIdentity, NodeRegistrar
+from reconciler.controllers.scheduler import SchedulerController
+from reconciler.controllers.shard_agent import ShardAgent
+from reconciler.datapath.stage import StageServer
 from reconciler.membership import (JoinError, MemberInfo, add_membership_routes, fetch_members,
                                    request_admission)
+from reconciler.metrics import NodeMetrics
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftSettings, RaftStore, load_members
 
@@ -19,29 +30,45 @@ log = logging.getLogger(__name__)
 JOIN_TIMEOUT = 60.0
 
 
-def build_http_app(*, store: RaftStore, config: NodeConfig) -> web.Application:
-    """The node's API app (reconciler.server.app) with the membership routes mounted."""
-    from reconciler.server.app import create_app
-    from reconciler.server.dashboard import add_dashboard_routes
+def exo_version() -> str:
+    try:
+        return version("exoctl")
+    except PackageNotFoundError:
+        return "0.0.0"
 
-    app = create_app(store=store, token=config.secret, node_name=config.name)
-    add_membership_routes(app, store=store, secret=config.secret)
-    add_dashboard_routes(app)
-    return app
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """What a node advertises and how the cluster judges it (flags beyond the config)."""
+    memory: int | None = None               # --memory: advertised memory instead of the real one
+    labels: dict[str, str] = field(default_factory=dict)
+    node_timeout: float = 3.0               # lease age after which a node is NotReady
+    node_grace: float = 600.0               # silence after which a node leaves Raft membership
+    discovery: bool = True
+    interface: str | None = None            # where mDNS announces (default: the advertised host)
 
 
 class ExoNode:
-    def __init__(self, config: NodeConfig, *, join_timeout: float = JOIN_TIMEOUT) -> None:
+    def __init__(self, config: NodeConfig, options: NodeOptions | None = None, *,
+                 join_timeout: float = JOIN_TIMEOUT) -> None:
         self.config = config
+        self.options = options or NodeOptions()
         self.join_timeout = join_timeout
         self.store: RaftStore | None = None
+        self.metrics = NodeMetrics(node=config.name)
+        self.stage_server: StageServer | None = None
+        self.shard_agent: ShardAgent | None = None
+        self.lifecycle: NodeLifecycleController | None = None
         self._runner: web.AppRunner | None = None
+        self._registrar: NodeRegistrar | None = None
+        self._controllers: ControllerManager | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     @property
     def member_info(self) -> MemberInfo:
         return MemberInfo(self.config.raft_address, self.config.node_id, self.config.api_url)
 
+    # -- forming or joining the cluster --
     async def _partners(self) -> tuple[tuple[str, ...], bool]:
         """(raft partners, already a member). Saved members win over --peers: a restarted node
         rejoins with its journal and is never added twice."""
@@ -58,22 +85,44 @@ class ExoNode:
             raise JoinError(f"--peers {','.join(config.peers)}: the peer reported no raft members")
         return members, config.raft_address in members
 
-    async def start(self) -> None:
+    async def _form_cluster(self) -> RaftStore:
         config = self.config
         partners, admitted = await self._partners()
         settings = RaftSettings(self_address=config.raft_address, partners=partners,
                                 data_dir=config.data_dir, secret=config.secret,
                                 bind_host=None if config.host in ("0.0.0.0", "::") else config.host)
-        self.store = store = RaftStore(settings, admitted=admitted)
+        store = RaftStore(settings, admitted=admitted)
         if not admitted:
             deadline = time.monotonic() + self.join_timeout
             await request_admission(config.peers, secret=config.secret, info=self.member_info,
                                     deadline=deadline)
             store.mark_admitted()
             log.info("admitted to the cluster as %s", config.raft_address)
+        return store
+
+    # -- services --
+    def build_http_app(self, store: RaftStore) -> web.Application:
+        from reconciler.server.app import create_app
+        from reconciler.server.dashboard import add_dashboard_routes
+
+        app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
+        add_membership_routes(app, store=store, secret=self.config.secret)
+        add_dashboard_routes(app, metrics=self.metrics)
+        return app
+
+    async def start(self) -> None:
+        config, options = self.config, self.options
+        self.store = store = await self._form_cluster()
         self._tasks.append(asyncio.create_task(self._register_self(), name="exo-register-self"))
 
-        app = build_http_app(store=store, config=config)
+        self.stage_server = StageServer(host=config.host, port=config.data_port)
+        try:
+            await self.stage_server.start()
+        except OSError as exc:
+            raise OSError(f"data port: cannot listen on {config.host}:{config.data_port} "
+                          f"(--api-port + 2): {exc.strerror}") from None
+
+        app = self.build_http_app(store)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.api_port, reuse_address=True)
@@ -81,9 +130,25 @@ class ExoNode:
             await site.start()
         except OSError as exc:
             raise OSError(f"--api-port: cannot listen on {config.host}:{config.api_port}: {exc.strerror}") from None
-        log.info("ready: node %s (id %s) serving the API at http://%s:%d, raft %s, members %s",
+
+        identity = NodeIdentity(name=config.name, node_id=config.node_id, address=config.advertise_host,
+                                api_port=config.api_port, raft_port=config.raft_port, data_port=config.data_port,
+                                labels=dict(options.labels), memory_override=options.memory, version=exo_version())
+        self._registrar = NodeRegistrar(store=store, identity=identity)
+        self._registrar.start()
+        self.lifecycle = NodeLifecycleController(
+            store=store, node_name=config.name, timeout=options.node_timeout, grace=options.node_grace,
+            remove_member=store.remove_member, raft_members=lambda: len(store.members))
+        self.shard_agent = ShardAgent(store=store, node_name=config.name, stage_server=self.stage_server,
+                                      data_endpoint=f"{config.advertise_host}:{config.data_port}",
+                                      metrics=self.metrics)
+        self._controllers = ControllerManager(
+            store=store, controllers=[self.lifecycle, SchedulerController(store=store), self.shard_agent],
+            observer=self.metrics.observe_reconcile)
+        self._controllers.start()
+        log.info("ready: node %s (id %s) serving the API at http://%s:%d, raft %s, data port %d, members %s",
                  config.name, config.node_id, config.host, config.api_port, config.raft_address,
-                 ",".join(sorted({config.raft_address, *partners})))
+                 config.data_port, ",".join(sorted({config.raft_address, *store.members})))
 
     async def _register_self(self) -> None:
         """Keep this node's id and API URL in the replicated directory (once, when it changes)."""
@@ -106,7 +171,15 @@ class ExoNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._controllers is not None:
+            await self._controllers.stop()
+        if self._registrar is not None:
+            await self._registrar.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.shard_agent is not None:
+            await self.shard_agent.close()
+        if self.stage_server is not None:
+            await self.stage_server.stop()
         if self.store is not None:
             await self.store.close()

@@ -16,7 +16,6 @@ from exo_ctl.api.resources import KINDS, KindInfo
 NONE = "<none>"
 OUTPUT_FORMATS = ("wide", "yaml", "json", "name")
 LAST_APPLIED = "exo.dev/last-applied-configuration"
-ROLE_ANNOTATION = "exo.dev/role"
 
 
 # --- time ------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
     "Node": (
         Column("NAME", _name),
         Column("STATUS", lambda o, n: node_state(o)),
-        Column("ROLE", _field("metadata", "annotations", ROLE_ANNOTATION)),
+        Column("ROLE", _field("status", "role")),
         Column("MEMORY", lambda o, n: node_memory(o)),
         Column("ADDRESS", _field("spec", "address")),
         Column("AGE", _age),

@@ -148,12 +148,24 @@ def _slice_model(model: nn.Module, *, start: int, end: int, num_layers: int, mod
             del model.lm_head
 
 
-def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: ComputeThread) -> ShardModel:
+Progress = Callable[[float, int], None]  # (fraction done, bytes loaded), called on the compute thread
+
+
+def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: ComputeThread,
+                         progress: Progress | None = None) -> ShardModel:
     num_layers = _read_num_layers(model_path)
     _check_range(start=start, end=end, num_layers=num_layers, model_path=model_path)
     model, config = load_model(model_path, lazy=True)
     _slice_model(model, start=start, end=end, num_layers=num_layers, model_path=model_path)
+    total, done = max(parameter_bytes(model), 1), 0   # nbytes is known before evaluation
+    for layer in model.model.layers:  # read layer by layer so progress can be reported
+        mx.eval(layer.parameters())
+        done += parameter_bytes(layer)
+        if progress is not None:
+            progress(done / total, done)
     mx.eval(model.parameters())
+    if progress is not None:
+        progress(1.0, total)
     return ShardModel(
         model=model,
         config=config,
@@ -175,11 +187,13 @@ def load_shard(model_path: Path, *, start: int, end: int) -> ShardModel:
         raise
 
 
-async def open_shard(model_path: Path, *, start: int, end: int) -> ShardModel:
-    """`load_shard` for asyncio callers: the load runs on the shard's thread, not the loop."""
+async def open_shard(model_path: Path, *, start: int, end: int, progress: Progress | None = None) -> ShardModel:
+    """`load_shard` for asyncio callers: the load runs on the shard's thread, not the loop.
+    ``progress`` is called on that thread as layers are read."""
     compute = ComputeThread(f"{Path(model_path).name}-{start}-{end}")
     try:
-        return await compute.run(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute)
+        return await compute.run(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute,
+                                 progress=progress)
     except BaseException:
         compute.close()
         raise

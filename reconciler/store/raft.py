@@ -243,6 +243,11 @@ class RaftStore(Store):
         future = self._call(self._sync.addNodeToCluster, raft_address)
         await self._await(future, timeout=timeout, what=f"adding {raft_address}")
 
+    async def remove_member(self, raft_address: str, *, timeout: float = 5.0) -> None:
+        """Remove one (dead) node from the Raft group, so quorum is counted without it."""
+        future = self._call(self._sync.removeNodeFromCluster, raft_address)
+        await self._await(future, timeout=timeout, what=f"removing {raft_address}")
+
     def mark_admitted(self) -> None:
         """This node is now a member: keep its member list in the data dir from here on."""
         self._admitted = True

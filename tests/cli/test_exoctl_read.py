@@ -17,9 +17,9 @@ READY = {"type": "Ready", "status": "True", "reason": "AllShardsReady", "message
 def _node(name: str, *, ready: str) -> dict:
     gib = 1024 ** 3
     return {"apiVersion": "exo.dev/v1alpha1", "kind": "Node",
-            "metadata": {"name": name, "annotations": {"exo.dev/role": "leader"}},
+            "metadata": {"name": name},
             "spec": {"nodeId": "0f6c", "address": "127.0.0.1", "apiPort": 52415, "raftPort": 52416},
-            "status": {"capacity": {"memory": 16 * gib}, "allocatable": {"memory": 12 * gib}, "version": "0.1.0",
+            "status": {"role": "leader", "capacity": {"memory": 16 * gib}, "allocatable": {"memory": 12 * gib}, "version": "0.1.0",
                        "conditions": [{"type": "Ready", "status": ready}]}}
 
 

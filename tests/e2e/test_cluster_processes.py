@@ -68,14 +68,20 @@ def test_every_object_and_resource_version_is_back_after_kill_9_of_all_nodes(exo
         assert apply(cluster.nodes[index % 3], f"m{index}", replicas=index + 1)[0] == 201
     assert apply(cluster.nodes[1], "m0", replicas=9)[0] == 200
     assert cluster.nodes[0].request("DELETE", f"{COLLECTION}/m5")[0] == 200
-    deadline = time.monotonic() + 5
+    # Wait until the controllers have written every status and all replicas agree (node leases
+    # keep the store's revision moving, so objects are compared, not the list's revision).
+    deadline = time.monotonic() + 15
     while True:
         listings = [n.request("GET", COLLECTION)[2] for n in cluster.nodes]
-        if len({listing["metadata"]["resourceVersion"] for listing in listings}) == 1:
+        items = [{i["metadata"]["name"]: i for i in listing["items"]} for listing in listings]
+        settled = all((i.get("status") or {}).get("observedGeneration") == i["metadata"]["generation"]
+                      for i in items[0].values())
+        if settled and items[0] == items[1] == items[2]:
             break
         assert time.monotonic() < deadline, "replicas did not converge"
-        time.sleep(0.05)
-    before = {item["metadata"]["name"]: item for item in listings[0]["items"]}
+        time.sleep(0.1)
+    before, revision_before = items[0], int(listings[0]["metadata"]["resourceVersion"])
+    assert sorted(before) == ["m0", "m1", "m2", "m3", "m4"]
 
     for node in cluster.nodes:
         node.kill()
@@ -85,14 +91,15 @@ def test_every_object_and_resource_version_is_back_after_kill_9_of_all_nodes(exo
         node.wait_ready()
 
     for node in cluster.nodes:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         while True:
             status, _, listing = node.request("GET", COLLECTION)
-            if status == 200 and listing["metadata"]["resourceVersion"] == listings[0]["metadata"]["resourceVersion"]:
+            after = {item["metadata"]["name"]: item for item in listing["items"]} if status == 200 else {}
+            if after == before:
                 break
             assert time.monotonic() < deadline, f"{node.name} did not recover: {listing}"
-            time.sleep(0.05)
-        assert {item["metadata"]["name"]: item for item in listing["items"]} == before
+            time.sleep(0.1)
+        assert int(listing["metadata"]["resourceVersion"]) >= revision_before
 
 
 def test_a_node_with_a_wrong_secret_is_never_admitted(exo_cluster):

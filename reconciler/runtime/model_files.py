@@ -1,0 +1,32 @@
+"""Where a ModelDeployment's ``spec.model.source`` lives on this node's disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler.models.catalog import hf_cache_snapshot
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+class ModelFilesError(Exception):
+    """The model's files cannot be found or fetched; the message names the source."""
+
+
+def local_model_path(source: str, *, revision: str | None = None) -> Path:
+    """A local directory for ``source``: the path itself, or the Hugging Face snapshot, downloaded
+    with huggingface_hub where a hub is reachable. Blocking: call it off the event loop."""
+    if not source.startswith("hf://"):
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelFilesError(f"model {source!r}: no config.json in {path} on this node")
+        return path
+    repo = source[len("hf://"):]
+    cached = hf_cache_snapshot(repo, revision=revision)
+    if cached is not None:
+        return cached
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as error:  # network, auth, missing repo: all end as a message on the Shard
+        raise ModelFilesError(f"model {source!r}: cannot download from the Hugging Face hub: {error}") from None

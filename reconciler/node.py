@@ -19,6 +19,7 @@ from reconciler.controllers.node_registration import NodeIdentity, NodeRegistrar
 from reconciler.controllers.scheduler import SchedulerController
 from reconciler.controllers.shard_agent import ShardAgent
 from reconciler.datapath.stage import StageServer
+from reconciler.inference.cluster import ClusterBackend
 from reconciler.membership import (JoinError, MemberInfo, add_membership_routes, fetch_members,
                                    request_admission)
 from reconciler.metrics import NodeMetrics
@@ -58,6 +59,7 @@ class ExoNode:
         self.metrics = NodeMetrics(node=config.name)
         self.stage_server: StageServer | None = None
         self.shard_agent: ShardAgent | None = None
+        self.backend: ClusterBackend | None = None
         self.lifecycle: NodeLifecycleController | None = None
         self._runner: web.AppRunner | None = None
         self._registrar: NodeRegistrar | None = None
@@ -104,10 +106,13 @@ class ExoNode:
     def build_http_app(self, store: RaftStore) -> web.Application:
         from reconciler.server.app import create_app
         from reconciler.server.dashboard import add_dashboard_routes
+        from reconciler.server.openai_api import add_openai_routes
 
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
+        self.backend = ClusterBackend(store=store)
+        add_openai_routes(app, backend=self.backend, metrics=self.metrics)
         return app
 
     async def start(self) -> None:
@@ -177,6 +182,8 @@ class ExoNode:
             await self._registrar.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.backend is not None:
+            await self.backend.close()
         if self.shard_agent is not None:
             await self.shard_agent.close()
         if self.stage_server is not None:

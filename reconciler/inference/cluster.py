@@ -1,0 +1,162 @@
+"""The distributed backend: a request for a deployment runs through the pipeline of its Shards,
+wherever they are loaded. Any node can be the entry: it tokenizes, picks a replica whose shards
+are all Ready, and drives the stage route; hidden states travel stage to stage, and the last
+stage sends the sampled token ids back here."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from reconciler.controllers.deployment_status import shard_ready
+from reconciler.datapath import pipeline as datapath
+from reconciler.datapath.wire import StageAddress
+from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
+from reconciler.runtime.model_files import ModelFilesError, local_model_path
+from reconciler.store.base import Store
+
+log = logging.getLogger(__name__)
+RETRY_AFTER = 2.0
+
+
+def _epoch(timestamp: str | None) -> int:
+    if not timestamp:
+        return 0
+    return int(datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None).timestamp())
+
+
+def _ready_condition(deployment: dict[str, Any]) -> dict[str, Any]:
+    for condition in (deployment.get("status") or {}).get("conditions", []):
+        if condition["type"] == "Ready":
+            return condition
+    return {"status": "Unknown", "reason": "Pending", "message": "not reconciled yet"}
+
+
+def deployment_name(deployment: dict[str, Any]) -> str:
+    """What clients put in ``model``: the name, or ``namespace/name`` outside the default namespace."""
+    meta = deployment["metadata"]
+    return meta["name"] if meta.get("namespace", "default") == "default" else f"{meta['namespace']}/{meta['name']}"
+
+
+def ready_routes(deployment: dict[str, Any], shards: list[dict[str, Any]]) -> list[list[StageAddress]]:
+    """Stage routes of every replica whose shards are all Ready, in stage order."""
+    key = f"{deployment['metadata'].get('namespace', 'default')}/{deployment['metadata']['name']}"
+    replicas: dict[int, list[dict[str, Any]]] = {}
+    for shard in shards:
+        spec = shard["spec"]
+        if spec["deployment"] == key and spec.get("deploymentUid") == deployment["metadata"].get("uid"):
+            replicas.setdefault(spec["replica"], []).append(shard)
+    routes = []
+    for replica in sorted(replicas):
+        stages = sorted(replicas[replica], key=lambda s: s["spec"]["index"])
+        if len(stages) != stages[0]["spec"]["stages"] or not all(shard_ready(s) for s in stages):
+            continue
+        route = []
+        for shard in stages:
+            host, _, port = shard["status"]["dataEndpoint"].rpartition(":")
+            route.append(StageAddress(host=host, port=int(port), shard=shard["metadata"]["name"]))
+        routes.append(route)
+    return routes
+
+
+class ClusterModel:
+    """One deployment's handle (``ModelHandle``): its tokenizer and a route through its stages."""
+
+    def __init__(self, *, tokenizer: Any, route: list[StageAddress], client: datapath.PipelineClient) -> None:
+        self.tokenizer = tokenizer
+        self.route = route
+        self._client = client
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        tokens = self._client.generate(self.route, list(prompt_ids), max_tokens=params.max_tokens,
+                                       temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                       stop_ids=self.tokenizer.eos_token_ids)
+        try:
+            async for token in tokens:
+                yield token
+        except datapath.PipelineError as error:
+            raise PipelineError(str(error)) from None
+        finally:
+            await tokens.aclose()
+
+
+class ClusterBackend:
+    """``InferenceBackend`` over the store's ModelDeployments and Shards."""
+
+    def __init__(self, *, store: Store) -> None:
+        self.store = store
+        self.client = datapath.PipelineClient()
+        self._tokenizers: dict[tuple[str, str | None], Any] = {}
+        self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
+        self._round_robin = itertools.count()
+        self._unsubscribe = store.add_listener(lambda state: self.prefetch_tokenizers())
+
+    def _deployments(self) -> list[dict[str, Any]]:
+        return self.store.list("ModelDeployment")[0]
+
+    def models(self) -> list[ModelCard]:
+        cards = []
+        for deployment in self._deployments():
+            ready = _ready_condition(deployment)
+            state = "Ready" if ready["status"] == "True" else f"{ready.get('reason', 'Pending')}: {ready.get('message', '')}".rstrip(": ")
+            cards.append(ModelCard(name=deployment_name(deployment), ready=ready["status"] == "True", state=state,
+                                   created=_epoch(deployment["metadata"].get("creationTimestamp")),
+                                   source=deployment["spec"]["model"]["source"]))
+        return cards
+
+    def resolve(self, model: str) -> ClusterModel:
+        deployment = next((d for d in self._deployments() if deployment_name(d) == model), None)
+        if deployment is None:
+            raise KeyError(model)
+        routes = ready_routes(deployment, self.store.list("Shard")[0])
+        if not routes:
+            ready = _ready_condition(deployment)
+            raise NotReady(f"model {model!r} is not ready: {ready.get('reason')}: {ready.get('message')}",
+                           retry_after=RETRY_AFTER)
+        spec = deployment["spec"]["model"]
+        tokenizer = self._tokenizer(spec["source"], spec.get("revision"))
+        route = routes[next(self._round_robin) % len(routes)]
+        return ClusterModel(tokenizer=tokenizer, route=route, client=self.client)
+
+    def _tokenizer(self, source: str, revision: str | None) -> Any:
+        key = (source, revision)
+        if key not in self._tokenizers:
+            # Normally prefetched off the loop when the deployment appeared; this is the fallback.
+            try:
+                self._tokenizers[key] = _load_tokenizer(source, revision)
+            except (ModelFilesError, OSError, ValueError) as error:
+                raise NotReady(f"model {source!r}: tokenizer unavailable on this node: {error}",
+                               retry_after=RETRY_AFTER) from None
+        return self._tokenizers[key]
+
+    def prefetch_tokenizers(self) -> None:
+        for deployment in self._deployments():
+            spec = deployment["spec"]["model"]
+            key = (spec["source"], spec.get("revision"))
+            if key not in self._tokenizers and key not in self._loading:
+                self._loading[key] = asyncio.get_running_loop().create_task(self._prefetch(key), name=f"tokenizer:{key[0]}")
+
+    async def _prefetch(self, key: tuple[str, str | None]) -> None:
+        try:
+            self._tokenizers[key] = await asyncio.to_thread(_load_tokenizer, *key)
+        except Exception as error:  # reported to clients when they ask for the model
+            log.info("tokenizer for %s not loaded yet: %s", key[0], error)
+        finally:
+            self._loading.pop(key, None)
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        for task in list(self._loading.values()):
+            task.cancel()
+        await self.client.aclose()
+
+
+def _load_tokenizer(source: str, revision: str | None) -> Any:
+    from mlx_lm.utils import load_tokenizer
+
+    path: Path = local_model_path(source, revision=revision)
+    return load_tokenizer(path)

@@ -83,6 +83,7 @@ class ExoProcess:
     secret: str | None
     peers: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    discovery: bool = False
     log_path: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -107,6 +108,10 @@ class ExoProcess:
                 "--log-level", "INFO"]
         if self.peers:
             args += ["--peers", ",".join(self.peers)]
+        if self.discovery:
+            args += ["--interface", HOST]
+        else:
+            args.append("--no-discovery")  # tests join explicitly unless they test discovery
         if self.secret is not None:
             args += ["--cluster-secret", self.secret]
         return args + list(self.extra_args)

@@ -1,11 +1,15 @@
-"""Control-plane benchmark: 3 local ``exo`` nodes on 127.0.0.1.
+"""Control-plane benchmark: local ``exo`` nodes on 127.0.0.1.
 
-    uv run python bench/control_plane.py [--applies 300] [--trials 5]
+    uv run python bench/control_plane.py [--applies 300] [--trials 5] [--only writes|membership]
 
-Measures sequential applies/s and p50/p99 apply latency through the HTTP API (PATCH apply over a
+Writes: sequential applies/s and p50/p99 apply latency through the HTTP API (PATCH apply over a
 keep-alive connection, to the leader and to a follower), and leader failover after kill -9: the
 time from the kill until a survivor accepts a write (median of the trials).
 Targets: p50 apply <= 5 ms, failover <= 2 s median.
+
+Membership (zero-config): the time from starting N processes with no --peers (mDNS on
+127.0.0.1) until they are one Ready cluster, and the time from kill -9 of a follower until the
+leader reports its Node NotReady (default --node-timeout 3), each the median of the trials.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.cluster import Cluster, ExoProcess, start_cluster  # noqa: E402
+from tests.e2e.membership_helpers import NODES, log_times, ready_by_node, unique_secret  # noqa: E402
 
 PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments/bench"
 
@@ -84,11 +89,69 @@ def measure_failover(cluster: Cluster) -> float:
     return elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--applies", type=int, default=300)
-    parser.add_argument("--trials", type=int, default=5)
-    args = parser.parse_args()
+def one_ready_cluster(cluster: Cluster) -> bool:
+    """Every node reports all members, and every node lists every Node as Ready."""
+    everyone = sorted(n.raft_address for n in cluster.nodes)
+    for node in cluster.nodes:
+        status, _, doc = node.request("GET", "/internal/v1/members", timeout=2.0)
+        if status != 200 or sorted(m["raftAddress"] for m in doc["members"]) != everyone:
+            return False
+        status, _, listing = node.request("GET", NODES, timeout=2.0)
+        if status != 200 or list(ready_by_node(listing["items"]).values()) != ["True"] * len(everyone):
+            return False
+    return True
+
+
+def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.02) -> float:
+    """Poll until ``predicate()``; the perf_counter time it first held."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            if predicate():
+                return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{what}: not within {timeout:g} s")
+
+
+def measure_formation(nodes: int, root: Path) -> tuple[float, float]:
+    """Seconds from starting ``nodes`` processes (no --peers) to one Ready cluster, and from the
+    first mDNS announcement (log time; before it, the processes import their modules)."""
+    began = time.perf_counter()
+    cluster = start_cluster(nodes, root, secret=unique_secret(), discovery=True)
+    try:
+        formed = wait_for(lambda: one_ready_cluster(cluster), timeout=60, what="one Ready cluster")
+        formed_wall = time.time() - (time.perf_counter() - formed)
+        announced = min(t for n in cluster.nodes for t in log_times(n.log_path, "discovery: announcing"))
+        return formed - began, formed_wall - announced
+    except BaseException:
+        print(cluster.logs(), file=sys.stderr)
+        raise
+    finally:
+        cluster.close()
+
+
+def measure_not_ready(cluster: Cluster) -> float:
+    """Seconds from kill -9 of a follower to the leader reporting its Node NotReady; the
+    follower is restarted and Ready again before this returns."""
+    leader = cluster.leader()
+    wait_for(lambda: one_ready_cluster(cluster), timeout=30, what="all Ready before the kill")
+    victim = next(n for n in cluster.nodes if n is not leader)
+
+    def not_ready() -> bool:
+        status, _, listing = leader.request("GET", NODES, timeout=2.0)
+        return status == 200 and ready_by_node(listing["items"]).get(victim.name) == "False"
+
+    victim.kill()
+    killed_at = time.perf_counter()
+    elapsed = wait_for(not_ready, timeout=30, what=f"{victim.name} NotReady") - killed_at
+    victim.start()
+    victim.wait_ready()
+    return elapsed
+
+
+def run_writes(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
         cluster = start_cluster(3, Path(tmp))
         try:
@@ -114,6 +177,48 @@ def main() -> int:
     print(f"  median {statistics.median(failovers):.2f} s, max {max(failovers):.2f} s, "
           f"all {' '.join(f'{f:.2f}' for f in failovers)}")
     print("targets: p50 apply <= 5 ms, failover median <= 2 s")
+
+
+def summary(values: list[float]) -> str:
+    return (f"median {statistics.median(values):.2f} s, min {min(values):.2f} s, max {max(values):.2f} s, "
+            f"all {' '.join(f'{v:.2f}' for v in values)}")
+
+
+def run_membership(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
+        formations = [measure_formation(args.nodes, Path(tmp) / f"formation{i}")
+                      for i in range(args.formation_trials)]
+        cluster = start_cluster(3, Path(tmp) / "liveness", secret=unique_secret(), discovery=True,
+                                extra_args=["--node-timeout", f"{args.node_timeout:g}"])
+        try:
+            not_ready = [measure_not_ready(cluster) for _ in range(args.trials)]
+        except BaseException:
+            print(cluster.logs(), file=sys.stderr)
+            raise
+        finally:
+            cluster.close()
+    print("zero-config membership on 127.0.0.1 (mDNS, no --peers)")
+    print(f"start of {args.nodes} processes -> one Ready cluster, {args.formation_trials} trials: "
+          f"{summary([total for total, _ in formations])}")
+    print(f"first mDNS announcement -> one Ready cluster, same trials: "
+          f"{summary([since for _, since in formations])}")
+    print(f"kill -9 of a follower -> its Node NotReady (--node-timeout {args.node_timeout:g}), "
+          f"{args.trials} trials: {summary(not_ready)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--applies", type=int, default=300)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--nodes", type=int, default=3, help="processes started for the formation time")
+    parser.add_argument("--formation-trials", type=int, default=3)
+    parser.add_argument("--node-timeout", type=float, default=3.0)
+    parser.add_argument("--only", choices=["writes", "membership"])
+    args = parser.parse_args()
+    if args.only != "membership":
+        run_writes(args)
+    if args.only != "writes":
+        run_membership(args)
     return 0
 
 

@@ -32,6 +32,10 @@ class JoinError(Exception):
     """The node could not learn the members or get admitted; the message is for the user."""
 
 
+class SecretRefused(JoinError):
+    """A member answered 401: this node's secret is not the cluster's. Retrying cannot help."""
+
+
 @dataclass(frozen=True)
 class MemberInfo:
     raft_address: str
@@ -181,7 +185,7 @@ async def _ask(peers: Sequence[str], *, secret: str, deadline: float, method: st
                             return payload
                         message = payload.get("message") if isinstance(payload, dict) else payload
                         if resp.status == 401:
-                            raise JoinError(f"{peer} refused the cluster secret (401): use the secret "
+                            raise SecretRefused(f"{peer} refused the cluster secret (401): use the secret "
                                             "printed by the cluster's first node")
                         last = f"{peer} answered {resp.status}: {message}"
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:

@@ -191,13 +191,17 @@ class Cluster:
     taken_ports: set[int] = field(default_factory=set)
 
     def add_node(self, *, secret: str | None = None, peers: Sequence[str] | None = None,
-                 extra_args: Sequence[str] = (), start: bool = True, wait: bool = True) -> ExoProcess:
+                 extra_args: Sequence[str] = (), start: bool = True, wait: bool = True,
+                 discovery: bool = False) -> ExoProcess:
+        """A new node joining via node0 (``--peers``), or with ``discovery=True`` one that finds
+        the cluster over mDNS on 127.0.0.1 (no ``--peers`` unless given)."""
         index = len(self.nodes)
+        if peers is None:
+            peers = () if discovery else [n.api_address for n in self.nodes[:1]]
         node = ExoProcess(index=index, name=f"node{index}", data_dir=self.root / f"node{index}",
                           api_port=free_port_block(self.taken_ports),
                           secret=self.secret if secret is None else secret,
-                          peers=tuple(peers if peers is not None else [n.api_address for n in self.nodes[:1]]),
-                          extra_args=tuple(extra_args))
+                          peers=tuple(peers), extra_args=tuple(extra_args), discovery=discovery)
         self.nodes.append(node)
         if start:
             node.start()
@@ -230,11 +234,18 @@ class Cluster:
 
 
 def start_cluster(n: int, tmp_path: Path, *, secret: str = DEFAULT_SECRET,
-                  extra_args: Sequence[str] = ()) -> Cluster:
+                  extra_args: Sequence[str] = (), discovery: bool = False) -> Cluster:
     """Start ``n`` nodes: node0 bootstraps the cluster, then each node joins via node0 and is
-    ready (its store has quorum) before the next one starts."""
+    ready (its store has quorum) before the next one starts. With ``discovery=True`` all ``n``
+    start at once with no ``--peers`` and find each other over mDNS on 127.0.0.1 (use a secret
+    of your own, so parallel runs never meet)."""
     cluster = Cluster(nodes=[], root=tmp_path, secret=secret)
     try:
+        if discovery:
+            nodes = [cluster.add_node(extra_args=extra_args, discovery=True, wait=False) for _ in range(n)]
+            for node in nodes:
+                node.wait_ready()
+            return cluster
         for _ in range(n):
             cluster.add_node(extra_args=extra_args)
     except BaseException:
@@ -249,8 +260,10 @@ def exo_cluster(tmp_path: Path) -> Iterator[Any]:
     """A factory: ``exo_cluster(3)`` starts a cluster; all of them are killed at teardown."""
     started: list[Cluster] = []
 
-    def factory(n: int, *, secret: str = DEFAULT_SECRET, extra_args: Sequence[str] = ()) -> Cluster:
-        cluster = start_cluster(n, tmp_path / f"cluster{len(started)}", secret=secret, extra_args=extra_args)
+    def factory(n: int, *, secret: str = DEFAULT_SECRET, extra_args: Sequence[str] = (),
+                discovery: bool = False) -> Cluster:
+        cluster = start_cluster(n, tmp_path / f"cluster{len(started)}", secret=secret, extra_args=extra_args,
+                                discovery=discovery)
         started.append(cluster)
         return cluster
 

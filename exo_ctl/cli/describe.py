@@ -5,6 +5,7 @@ import argparse
 import re
 from typing import Any
 
+from exo_ctl.api.meta import format_bytes
 from exo_ctl.cli import printers
 from exo_ctl.cli.common import Context, call, object_namespace, resolve_targets
 
@@ -54,6 +55,8 @@ def render_value(key: str, value: Any, depth: int) -> list[str]:
             else:
                 lines.append(f"{pad}{INDENT}- {_scalar(item)}")
         return lines
+    if key == "memory" and isinstance(value, int) and not isinstance(value, bool):
+        return [f"{pad}{title(key)}:  {format_bytes(value)} ({value} bytes)"]
     return [f"{pad}{title(key)}:  {_scalar(value)}"]
 
 

@@ -118,11 +118,22 @@ class NodeRegistrar:
             live = (await self.store.submit(make_command("replace", key, body=body,
                                                          expected_rv=live["metadata"]["resourceVersion"])))["object"]
         cap, alloc = capacity(self.identity, available_at_start=self.available_at_start)
-        status = dict(live.get("status") or {})
-        wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version}
-        if wanted != status:
-            await self.store.submit(make_command("status", key, body={"status": wanted},
-                                                 expected_rv=live["metadata"]["resourceVersion"]))
+        for attempt in range(3):
+            # The leader writes conditions/role into the same status: on a conflict, re-read
+            # and retry at once, so a new Node does not sit without capacity until next time.
+            status = dict(live.get("status") or {})
+            wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version}
+            if wanted == status:
+                return
+            try:
+                await self.store.submit(make_command("status", key, body={"status": wanted},
+                                                     expected_rv=live["metadata"]["resourceVersion"]))
+                return
+            except StoreError as error:
+                fresh = self.store.get(key)
+                if error.code != 409 or fresh is None or attempt == 2:
+                    raise
+                live = fresh
 
     async def renew_lease(self) -> None:
         key = (LEASE, "", self.identity.name)

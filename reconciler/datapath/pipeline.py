@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -53,8 +53,11 @@ class _StageConnection:
         writer: asyncio.StreamWriter,
         heartbeat_interval_s: float,
         dead_after_s: float,
+        hop_observer: Callable[[float], None] | None = None,
     ) -> None:
         self.label = f"{host}:{port}"
+        self._hop_observer = hop_observer
+        self._ping_sent: float | None = None
         self._reader = reader
         self._writer = writer
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -78,6 +81,8 @@ class _StageConnection:
             while True:
                 frame = await read_frame(self._reader)
                 self._last_heard = self._loop.time()
+                if frame.kind is Kind.PONG and self._ping_sent is not None:
+                    self._observe_hop(self._last_heard - self._ping_sent)
                 queue = self.requests.get(frame.request_id)
                 if queue is not None and frame.kind is not Kind.PONG:
                     queue.put_nowait(frame)
@@ -95,6 +100,13 @@ class _StageConnection:
                 return
             with contextlib.suppress(StageLost):
                 self.send(Frame(Kind.PING, 0))
+                self._ping_sent = self._loop.time()
+
+    def _observe_hop(self, round_trip: float) -> None:
+        """Half a heartbeat's round trip: one network hop to this stage, without compute."""
+        self._ping_sent = None
+        if self._hop_observer is not None:
+            self._hop_observer(round_trip / 2)
 
     def _lose(self, failure: StageLost) -> None:
         if self.failure is not None:
@@ -146,6 +158,7 @@ class PipelineClient:
         self._connect_timeout_s = connect_timeout_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._dead_after_s = dead_after_s
+        self.hop_observer: Callable[[float], None] | None = None  # seconds per network hop (metrics)
         self._connections: dict[tuple[str, int], _StageConnection] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
@@ -162,6 +175,7 @@ class PipelineClient:
             conn = _StageConnection(
                 host=address.host, port=address.port, reader=reader, writer=writer,
                 heartbeat_interval_s=self._heartbeat_interval_s, dead_after_s=self._dead_after_s,
+                hop_observer=self.hop_observer,
             )  # fmt: skip
             self._connections[key] = conn
             return conn

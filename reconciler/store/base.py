@@ -3,6 +3,7 @@ Raft-backed store and its in-memory twin."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,7 @@ class Store(ABC):
         self._state = StoreState()
         self._waiter: asyncio.Future[None] | None = None
         self._listeners: list[Callable[[StoreState], None]] = []
+        self.commit_observer: Callable[[float], None] | None = None  # seconds from proposing to applied
 
     # -- reads (local replica) --
     @property
@@ -121,7 +123,10 @@ class Store(ABC):
     async def submit(self, command: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
         """Commit ``command`` and return its result; raises StoreError for API failures and
         StoreUnavailable when the outcome is unknown."""
+        started = time.perf_counter()
         result = await self._commit(command, timeout=timeout)
+        if self.commit_observer is not None:
+            self.commit_observer(time.perf_counter() - started)
         if not result.get("ok"):
             raise StoreError(result["code"], result["reason"], result["message"])
         return result

@@ -299,12 +299,18 @@ class Client:
 
     def apply(self, info: KindInfo, obj: dict[str, Any], *, dry_run: bool = False) -> tuple[dict[str, Any], str]:
         """Server-side apply of a manifest; returns the resulting object and created|configured|unchanged."""
+        answer, action, _ = self.apply_with_headers(info, obj, dry_run=dry_run)
+        return answer, action
+
+    def apply_with_headers(self, info: KindInfo, obj: dict[str, Any], *,
+                           dry_run: bool = False) -> tuple[dict[str, Any], str, Mapping[str, str]]:
+        """``apply`` plus the response headers (a dry run of a ModelDeployment carries X-Exo-Placement)."""
         meta = obj["metadata"]
         answer, headers = self.request("PATCH", info.path(meta.get("namespace"), meta["name"]),
                                        body=json.dumps(obj).encode(), content_type=APPLY_CONTENT_TYPE,
                                        query=_dry_run(dry_run))
         action = next((v for k, v in headers.items() if k.lower() == APPLY_RESULT_HEADER.lower()), "configured")
-        return answer, action
+        return answer, action, headers
 
     def delete(self, info: KindInfo, name: str, *, namespace: str | None = None, dry_run: bool = False,
                resource_version: str | None = None, uid: str | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from exo_ctl.api.resources import KINDS, KindInfo, object_key
 from exo_ctl.api.selectors import SelectorError, parse_selector
 from exo_ctl.cli import printers
 from exo_ctl.cli.common import CliError, Context, UsageError, call
+from exo_ctl.cli.plan import placement_from_headers, render_placement
 from exo_ctl.client import ApiError
 from exo_ctl.manifests import Manifest, ManifestError, load_manifests
 
@@ -119,11 +120,10 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
         try:
             if args.dry_run == "client":
                 live = call(ctx, lambda: _get_or_none(ctx, manifest), where=manifest.where)
-                obj, action = manifest.object, client_apply_action(live, manifest.object)
+                obj, action, headers = manifest.object, client_apply_action(live, manifest.object), {}
             else:
-                obj, action = call(ctx, lambda: ctx.client.apply(manifest.info, manifest.object,
-                                                                 dry_run=args.dry_run == "server"),
-                                   where=manifest.where)
+                obj, action, headers = call(ctx, lambda: ctx.client.apply_with_headers(
+                    manifest.info, manifest.object, dry_run=args.dry_run == "server"), where=manifest.where)
         except CliError as error:
             failures.append(error)
             ctx.err(error.render())
@@ -133,6 +133,9 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
             ctx.out(ref)
         elif args.output is None:
             ctx.out(f"{ref} {action}{suffix}")
+            plan = placement_from_headers(headers) if args.dry_run == "server" else None
+            for line in render_placement(plan) if plan is not None else []:
+                ctx.out(line)
     if args.prune and not failures:
         prune(ctx, manifests, selector=args.selector, dry_run=args.dry_run, output=args.output)
     _print_results(ctx, results, output=args.output)

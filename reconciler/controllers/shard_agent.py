@@ -101,11 +101,13 @@ class ShardAgent(Controller):
             model = await self.loader(path, start=key[2], end=key[3], progress=on_progress)
         except asyncio.CancelledError:
             raise
-        except (ModelFilesError, ShardLoadError, OSError, ValueError) as error:
-            log.warning("shard %s failed to load: %s", name, error)
+        except Exception as error:  # noqa: BLE001 — MLX reports unreadable weights as RuntimeError
+            expected = isinstance(error, (ModelFilesError, ShardLoadError, OSError, ValueError, RuntimeError))
+            message = str(error) if expected else f"{type(error).__name__}: {error}"
+            log.warning("shard %s failed to load: %s", name, message, exc_info=not expected)
             self.loading.pop(name, None)
-            self.failed[name] = (key, str(error))
-            await self._report_latest(name, shard, phase="Failed", message=str(error))
+            self.failed[name] = (key, message)
+            await self._report_latest(name, shard, phase="Failed", message=message)
             return
         if self.loading.get(name, (None,))[0] != key:  # reassigned while we were loading
             model.close()

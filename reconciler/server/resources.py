@@ -12,6 +12,7 @@ from exo_ctl.api.resources import KINDS, KindInfo
 from reconciler.server import bodies, query
 from reconciler.server.errors import ApiError
 from reconciler.server.keys import STORE, WATCHES
+from reconciler.server.placement_preview import placement_header
 from reconciler.server.watch import serve_watch
 from reconciler.server.writes import Target, commit, delete_options, object_write, status_write
 from reconciler.store.base import make_command
@@ -66,13 +67,18 @@ class KindHandlers:
                                op_id=None if dry_run else query.op_id(request))
         return await commit(request.config_dict[STORE], command, target=target, dry_run=dry_run)
 
+    @staticmethod
+    async def _preview(request: web.Request, result: dict[str, Any], dry_run: bool) -> dict[str, str]:
+        """A dry run of a ModelDeployment write also answers where its layers would go."""
+        return await placement_header(request.config_dict[STORE], result["object"]) if dry_run else {}
+
     async def create(self, request: web.Request) -> web.Response:
         dry_run = query.dry_run(request)
         target = self._target(request)
         write = object_write(await bodies.object_body(request), target)
         target = Target(self.info, target.namespace, write.object["metadata"]["name"])
         result = await self._write(request, "create", target, body=write.object, dry_run=dry_run)
-        return web.json_response(result["object"], status=201)
+        return web.json_response(result["object"], status=201, headers=await self._preview(request, result, dry_run))
 
     async def replace(self, request: web.Request) -> web.Response:
         dry_run = query.dry_run(request)
@@ -80,7 +86,7 @@ class KindHandlers:
         write = object_write(await bodies.object_body(request), target)
         result = await self._write(request, "replace", target, body=write.object, expected_rv=write.expected_rv,
                                    expected_uid=write.expected_uid, dry_run=dry_run)
-        return web.json_response(result["object"])
+        return web.json_response(result["object"], headers=await self._preview(request, result, dry_run))
 
     async def apply(self, request: web.Request) -> web.Response:
         dry_run = query.dry_run(request)
@@ -90,7 +96,7 @@ class KindHandlers:
                                    dry_run=dry_run)
         action = result["action"]
         return web.json_response(result["object"], status=201 if action == "created" else 200,
-                                 headers={APPLY_RESULT_HEADER: action})
+                                 headers={APPLY_RESULT_HEADER: action, **await self._preview(request, result, dry_run)})
 
     async def replace_status(self, request: web.Request) -> web.Response:
         dry_run = query.dry_run(request)

@@ -24,7 +24,9 @@ def test_apply_reports_created_then_unchanged_then_configured(api, exoctl, tmp_p
 def test_dry_runs_say_what_would_happen_and_write_nothing(api, exoctl):
     server = exoctl("apply", "-f", "-", "--dry-run=server", input=deployment_yaml())
     client = exoctl("apply", "-f", "-", "--dry-run=client", input=deployment_yaml())
-    assert server.stdout == "modeldeployment.exo.dev/llama created (server dry run)\n", server.stderr
+    first, plan = server.stdout.splitlines()
+    assert first == "modeldeployment.exo.dev/llama created (server dry run)", server.stderr
+    assert plan.startswith("ModelNotFound: model 'hf://org/model' is not in the local Hugging Face cache")
     assert client.stdout == "modeldeployment.exo.dev/llama created (dry run)\n", client.stderr
     assert api.store.revision == 0
 

@@ -1,0 +1,62 @@
+"""The placement a ModelDeployment would get now, for server dry runs (``exoctl apply --dry-run=server``).
+
+The answer of a dry-run create/replace/apply of a ModelDeployment carries the plan in the
+``X-Exo-Placement`` header as compact JSON: the same ``place`` the scheduler runs, over the live
+Nodes and Shards of this node's replica, so the user sees where the layers would go (or why they
+cannot go anywhere) before anything is written.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from exo_ctl.api.resources import ModelDeployment, Node, Shard
+from reconciler.models.catalog import resolve_profile
+from reconciler.models.metadata import ModelMetadataError
+from reconciler.scheduler.placement import deployment_key, place
+from reconciler.store.base import Store
+
+PLACEMENT_HEADER = "X-Exo-Placement"
+
+
+def placement_preview(store: Store, obj: dict[str, Any]) -> dict[str, Any]:
+    """``{"assignments": [{replica, index, stages, node, layers: {start, end}, memoryBytes}], "problem",
+    "reason"}`` for the (not yet written) deployment ``obj``. ``problem`` is null when every replica
+    fits, else the Ready condition's reason the scheduler would set (Unschedulable, ModelNotFound)
+    and ``reason`` says why.
+    Blocking (reads the model's file headers): call it off the event loop."""
+    deployment = ModelDeployment.model_validate(obj)
+    model = deployment.spec.model
+    try:
+        profile = resolve_profile(model.source, dtype=model.dtype, revision=model.revision)
+    except ModelMetadataError as error:
+        return {"assignments": [], "problem": "ModelNotFound", "reason": str(error)}
+    nodes = [Node.model_validate(n) for n in store.list("Node")[0]]
+    key = deployment_key(deployment)
+    # The object being previewed replaces whatever it was: its own current shards count as "current".
+    shards = [Shard.model_validate(s) for s in store.list("Shard")[0]]
+    shards = [s for s in shards if s.spec.deployment != key or s.spec.deploymentUid in (None, deployment.metadata.uid)]
+    plan = place(deployment=deployment, nodes=nodes, shards=shards, profile=profile)
+    return {
+        "assignments": [
+            {"replica": a.replica, "index": a.index, "stages": a.stages, "node": a.node,
+             "layers": {"start": a.start, "end": a.end}, "memoryBytes": a.memory_bytes}
+            for a in plan.assignments
+        ],
+        "problem": None if plan.schedulable else "Unschedulable",
+        "reason": plan.reason,
+    }
+
+
+async def placement_header(store: Store, obj: dict[str, Any]) -> dict[str, str]:
+    """The response header for a dry-run write of ``obj`` (empty for kinds other than ModelDeployment)."""
+    if obj.get("kind") != "ModelDeployment":
+        return {}
+    try:
+        preview = await asyncio.to_thread(placement_preview, store, obj)
+    except ValidationError as error:  # the write path validated it already; never fail the dry run over this
+        preview = {"assignments": [], "problem": "Invalid", "reason": f"cannot plan: {error.errors()[0]['msg']}"}
+    return {PLACEMENT_HEADER: json.dumps(preview, separators=(",", ":"), ensure_ascii=True)}

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 
+from reconciler import formation
 from reconciler.config import NodeConfig
 from reconciler.controllers.manager import ControllerManager
 from reconciler.controllers.node_lifecycle import NodeLifecycleController
@@ -20,11 +20,10 @@ from reconciler.controllers.scheduler import SchedulerController
 from reconciler.controllers.shard_agent import ShardAgent
 from reconciler.datapath.stage import StageServer
 from reconciler.inference.cluster import ClusterBackend
-from reconciler.membership import (JoinError, MemberInfo, add_membership_routes, fetch_members,
-                                   request_admission)
+from reconciler.membership import MemberInfo, add_membership_routes
 from reconciler.metrics import NodeMetrics
 from reconciler.store.base import StoreUnavailable
-from reconciler.store.raft import RaftSettings, RaftStore, load_members
+from reconciler.store.raft import RaftStore
 
 log = logging.getLogger(__name__)
 
@@ -72,47 +71,41 @@ class ExoNode:
 
     # -- forming or joining the cluster --
     async def _partners(self) -> tuple[tuple[str, ...], bool]:
-        """(raft partners, already a member). Saved members win over --peers: a restarted node
-        rejoins with its journal and is never added twice."""
-        config = self.config
-        saved = load_members(config.data_dir)
-        if saved is not None and config.raft_address in saved:
-            return saved, True
-        if not config.peers:
-            return (), True  # the first node of a new cluster
-        deadline = time.monotonic() + self.join_timeout
-        document = await fetch_members(config.peers, secret=config.secret, deadline=deadline)
-        members = tuple(m["raftAddress"] for m in document.get("members", []))
-        if not members:
-            raise JoinError(f"--peers {','.join(config.peers)}: the peer reported no raft members")
-        return members, config.raft_address in members
+        """(raft partners, already a member) from saved members or --peers (see formation)."""
+        return await formation.known_partners(self.config, join_timeout=self.join_timeout)
 
     async def _form_cluster(self) -> RaftStore:
-        config = self.config
-        partners, admitted = await self._partners()
-        settings = RaftSettings(self_address=config.raft_address, partners=partners,
-                                data_dir=config.data_dir, secret=config.secret,
-                                bind_host=None if config.host in ("0.0.0.0", "::") else config.host)
-        store = RaftStore(settings, admitted=admitted)
-        if not admitted:
-            deadline = time.monotonic() + self.join_timeout
-            await request_admission(config.peers, secret=config.secret, info=self.member_info,
-                                    deadline=deadline)
-            store.mark_admitted()
-            log.info("admitted to the cluster as %s", config.raft_address)
-        return store
+        """Rejoin, join via --peers, discover over mDNS or bootstrap (reconciler.formation);
+        with discovery on, keep announcing this node (formed, leader hint) until it stops."""
+        formed = await formation.form_cluster(
+            self.config, discovery=self.options.discovery, interface=self.options.interface,
+            version=exo_version(), join_timeout=self.join_timeout)
+        if formed.discovery is not None:
+            self._tasks.append(asyncio.create_task(
+                formation.keep_announcing(formed.discovery, formed.store), name="exo-mdns-announce"))
+        return formed.store
 
     # -- services --
     def build_http_app(self, store: RaftStore) -> web.Application:
         from reconciler.server.app import create_app
         from reconciler.server.dashboard import add_dashboard_routes
         from reconciler.server.openai_api import add_openai_routes
+        from reconciler.observability import StateSources, install_node_metrics
+        from reconciler.server.metrics_routes import add_metrics_routes
 
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
         self.backend = ClusterBackend(store=store)
         add_openai_routes(app, backend=self.backend, metrics=self.metrics)
+        add_metrics_routes(app, metrics=self.metrics, token=self.config.secret)
+        if self.stage_server is not None:
+            from reconciler.server.datapath_status import add_datapath_routes
+
+            add_datapath_routes(app, stage_server=self.stage_server)
+        install_node_metrics(self.metrics, app=app, pipeline=self.backend.client, sources=StateSources(
+            store=store, node_name=self.config.name, lease_ages=lambda: self.lifecycle.lease_ages if self.lifecycle else {},
+            queue_depth=lambda: self._controllers.queue_depth() if self._controllers else 0))
         return app
 
     async def start(self) -> None:

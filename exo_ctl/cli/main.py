@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from exo_ctl.api.meta import DNS1123_LABEL
 from exo_ctl.api.resources import DEFAULT_NAMESPACE
-from exo_ctl.cli import apply, delete, describe, get, wait
+from exo_ctl.cli import apply, delete, demo, describe, get, model, wait
 from exo_ctl.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError, Context, UsageError, parse_duration, server_error
 from exo_ctl.client import DEFAULT_TIMEOUT, ApiError, ConfigError, ConnectionFailed, load_config
 
@@ -47,6 +47,8 @@ def build_parser() -> Parser:
     describe.add_parser(subparsers, parents)
     delete.add_parser(subparsers, parents)
     wait.add_parser(subparsers, parents)
+    model.add_parser(subparsers, parents)
+    demo.add_parser(subparsers, parents)
     return parser
 
 

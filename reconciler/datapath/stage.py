@@ -130,6 +130,11 @@ def _release(request: _Request) -> None:
     request.cache = None
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed while the compute thread finished
+        loop.call_soon_threadsafe(fn, *args)
+
+
 class StageServer:
     """Hosts loaded shards behind one TCP port. Start with `await start()`, stop with `stop()`."""
 
@@ -139,6 +144,7 @@ class StageServer:
         self._connect_timeout_s = connect_timeout_s
         self._shards: dict[str, ShardModel] = {}
         self._requests: dict[tuple[int, int], _Request] = {}
+        self._unreleased: set[_Request] = set()  # opened, and their KV cache not yet released
         self._links: dict[tuple[str, int], _Peer] = {}
         self._link_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._peers: set[_Peer] = set()
@@ -198,8 +204,15 @@ class StageServer:
             self._fail(request, f"shard {name!r} was unloaded")
         return shard
 
+    def shard_names(self) -> list[str]:
+        return sorted(self._shards)
+
     def active_requests(self, shard: str | None = None) -> int:
         return sum(1 for r in self._requests.values() if shard is None or r.shard_name == shard)
+
+    def kv_caches(self) -> int:
+        """KV caches still held in memory (a request's cache lives until its release has run)."""
+        return sum(1 for r in list(self._unreleased) if r.cache is not None)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -300,6 +313,7 @@ class StageServer:
         if old is not None:
             self._end(old)
         self._requests[request.key] = request
+        self._unreleased.add(request)
         peer.send(Frame(Kind.OPENED, frame.request_id, stage=frame.stage))
 
     def _forward(self, frame: Frame) -> None:
@@ -332,8 +346,14 @@ class StageServer:
         request.ended = True
         if self._requests.get(request.key) is request:
             del self._requests[request.key]
-        with contextlib.suppress(RuntimeError):  # the compute thread is already shut down
-            request.shard.compute.submit(_release, request)
+        loop = self._loop
+        try:
+            released = request.shard.compute.submit(_release, request)
+        except RuntimeError:  # the compute thread is already shut down
+            self._unreleased.discard(request)
+            return
+        if loop is not None:
+            released.add_done_callback(lambda _: _call_soon(loop, self._unreleased.discard, request))
 
     def _fail(self, request: _Request, message: str, *, next_stage_lost: bool = False) -> None:
         self._end(request)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from reconciler.store.base import Store
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0
+TOKENIZER_RETRY_S = 10.0  # a tokenizer that failed to load is tried again after this long
 
 
 def _epoch(timestamp: str | None) -> int:
@@ -34,6 +36,13 @@ def _ready_condition(deployment: dict[str, Any]) -> dict[str, Any]:
         if condition["type"] == "Ready":
             return condition
     return {"status": "Unknown", "reason": "Pending", "message": "not reconciled yet"}
+
+
+def _not_ready_reason(deployment: dict[str, Any]) -> str:
+    ready = _ready_condition(deployment)
+    if ready["status"] == "True":  # the status lags: a shard is moving or reloading right now
+        return "its shards are being placed again (a shard is moving or loading)"
+    return f"{ready.get('reason')}: {ready.get('message')}"
 
 
 def deployment_name(deployment: dict[str, Any]) -> str:
@@ -87,8 +96,10 @@ class ClusterModel:
 class ClusterBackend:
     """``InferenceBackend`` over the store's ModelDeployments and Shards."""
 
-    def __init__(self, *, store: Store) -> None:
+    def __init__(self, *, store: Store, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._monotonic = monotonic
+        self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
         self.client = datapath.PipelineClient()
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
@@ -114,9 +125,7 @@ class ClusterBackend:
             raise KeyError(model)
         routes = ready_routes(deployment, self.store.list("Shard")[0])
         if not routes:
-            ready = _ready_condition(deployment)
-            raise NotReady(f"model {model!r} is not ready: {ready.get('reason')}: {ready.get('message')}",
-                           retry_after=RETRY_AFTER)
+            raise NotReady(f"model {model!r} is not ready: {_not_ready_reason(deployment)}", retry_after=RETRY_AFTER)
         spec = deployment["spec"]["model"]
         tokenizer = self._tokenizer(spec["source"], spec.get("revision"))
         route = routes[next(self._round_robin) % len(routes)]
@@ -137,14 +146,20 @@ class ClusterBackend:
         for deployment in self._deployments():
             spec = deployment["spec"]["model"]
             key = (spec["source"], spec.get("revision"))
+            failed_at = self._failed_at.get(key)
+            if failed_at is not None and self._monotonic() - failed_at < TOKENIZER_RETRY_S:
+                continue  # store changes come every second (leases); do not retry on each
             if key not in self._tokenizers and key not in self._loading:
                 self._loading[key] = asyncio.get_running_loop().create_task(self._prefetch(key), name=f"tokenizer:{key[0]}")
 
     async def _prefetch(self, key: tuple[str, str | None]) -> None:
         try:
             self._tokenizers[key] = await asyncio.to_thread(_load_tokenizer, *key)
+            self._failed_at.pop(key, None)
         except Exception as error:  # reported to clients when they ask for the model
-            log.info("tokenizer for %s not loaded yet: %s", key[0], error)
+            if key not in self._failed_at:
+                log.info("tokenizer for %s not loaded yet: %s", key[0], error)
+            self._failed_at[key] = self._monotonic()
         finally:
             self._loading.pop(key, None)
 

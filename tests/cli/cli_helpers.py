@@ -20,3 +20,4 @@ def deployment_yaml(name: str = "llama", *, source: str = "hf://org/model", repl
 
 EXOCTL = shutil.which("exoctl", path=str(Path(sys.executable).parent))
 COMMAND = [EXOCTL] if EXOCTL else [sys.executable, "-m", "exo_ctl.cli.main"]
+TOKEN = "cli-test-token"

@@ -20,9 +20,8 @@ from exo_ctl.api.validation import normalize
 from reconciler.server import create_app
 from reconciler.store.base import make_command
 from reconciler.store.memory import MemoryStore
-from tests.cli.cli_helpers import COMMAND
+from tests.cli.cli_helpers import COMMAND, TOKEN
 
-TOKEN = "cli-test-token"
 
 
 @dataclass

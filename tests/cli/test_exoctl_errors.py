@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from tests.cli.cli_helpers import deployment_yaml
-from conftest import TOKEN
+from tests.cli.cli_helpers import TOKEN
 
 
 def _closed_port() -> int:

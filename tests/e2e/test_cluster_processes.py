@@ -23,10 +23,12 @@ def apply(node, name: str, replicas: int = 1):
 
 
 def wait_for_object(node, name: str, *, resource_version: str, timeout: float = 5.0) -> dict:
+    """The object as ``node`` serves it once its replica has caught up with ``resource_version``
+    (controllers may have written its status since, so later versions count too)."""
     deadline = time.monotonic() + timeout
     while True:
         status, _, body = node.request("GET", f"{COLLECTION}/{name}")
-        if status == 200 and body["metadata"]["resourceVersion"] == resource_version:
+        if status == 200 and int(body["metadata"]["resourceVersion"]) >= int(resource_version):
             return body
         if time.monotonic() > deadline:
             raise AssertionError(f"{node.name} never served {name}@{resource_version}: {status} {body}")

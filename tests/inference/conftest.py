@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient
 from reconciler.inference.backend import ModelCard
 from reconciler.metrics import NodeMetrics
 
-from backend_twin import ScriptedModel, TwinBackend
-from inference_helpers import serve
+from tests.inference.backend_twin import ScriptedModel, TwinBackend
+from tests.inference.inference_helpers import serve
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from inference_helpers import AUTH
-from backend_twin import ScriptedModel
+from tests.inference.inference_helpers import AUTH
+from tests.inference.backend_twin import ScriptedModel
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"}]

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from inference_helpers import TOKEN, serve
+from tests.inference.inference_helpers import TOKEN, serve
 from reconciler.inference.local import LocalBackend
 from reconciler.metrics import NodeMetrics
 

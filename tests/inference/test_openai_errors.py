@@ -4,7 +4,7 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from inference_helpers import AUTH, TOKEN
+from tests.inference.inference_helpers import AUTH, TOKEN
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]

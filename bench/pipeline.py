@@ -1,0 +1,189 @@
+"""The inference data path end to end, on the larger local model (``build_model("small")``):
+decode tokens/s and time to first token through the OpenAI API of real ``exo`` processes with 1, 2
+and 3 stages (a fresh 1-, 2- and 3-node cluster, Spread), against single-process mlx_lm on the same
+prompt ids; the added latency per stage hop; peak RSS of each stage process against the single
+process; aggregate tokens/s with 1, 2 and 4 concurrent requests.
+
+    uv run python -m bench.pipeline [--tokens 128] [--concurrent-tokens 48]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from examples.build_model import build_model
+from tests.cluster import ExoProcess, start_cluster
+from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
+
+PROMPT = "The history of distributed computing begins with"
+SINGLE_PROCESS = """
+import json, resource, sys, time
+import mlx.core as mx, mlx_lm
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+model, tokenizer = mlx_lm.load(sys.argv[1])
+ids, n = json.loads(sys.argv[2]), int(sys.argv[3])
+def run(count):
+    start, stamps = time.perf_counter(), []
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=count, sampler=make_sampler(temp=0.0)):
+        stamps.append(time.perf_counter())
+    return start, stamps
+run(8)  # warm-up
+start, stamps = run(n)
+print(json.dumps({"ttft": stamps[0] - start, "tokens": len(stamps),
+                  "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def single_process(model: Path, ids: list[int], tokens: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", SINGLE_PROCESS, str(model), json.dumps(ids), str(tokens)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stream_completion(node: ExoProcess, ids: list[int], tokens: int) -> dict[str, float]:
+    """One streamed completion: time to first token, decode tokens/s, tokens (from usage)."""
+    body = json.dumps({"model": "bench", "prompt": ids, "max_tokens": tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Authorization": f"Bearer {node.secret}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    first = last = None
+    count = 0
+    for raw in iter(response.readline, b""):
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        data = json.loads(line[5:])
+        if data.get("usage"):
+            count = data["usage"]["completion_tokens"]
+        elif data.get("choices") and data["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+    conn.close()
+    assert first is not None and last is not None and count > 1
+    # Text arrives per token except where a character spans tokens; the usage count is exact.
+    return {"ttft": first - start, "tokens": count, "decode_tps": (count - 1) / (last - first), "wall": last - start}
+
+
+def aggregate(node: ExoProcess, ids: list[int], tokens: int, concurrent: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrent) as pool:
+        results = list(pool.map(lambda _: stream_completion(node, ids, tokens), range(concurrent)))
+    return sum(r["tokens"] for r in results) / (time.perf_counter() - start)
+
+
+def hop_latency(shards: list[dict[str, Any]], *, pings: int = 200) -> float:
+    """Median one-way latency (half a PING/PONG round trip) from this process to each stage
+    server, in seconds: the network and event-loop cost of one hop, without any compute."""
+    import asyncio
+
+    from reconciler.datapath.wire import Frame, Kind, open_connection, read_frame, write_frame
+
+    async def measure(endpoint: str) -> list[float]:
+        host, _, port = endpoint.rpartition(":")
+        reader, writer = await open_connection(host, int(port), timeout_s=3.0)
+        samples = []
+        try:
+            for _ in range(pings):
+                start = time.perf_counter()
+                write_frame(writer, Frame(Kind.PING, 0))
+                await read_frame(reader)
+                samples.append((time.perf_counter() - start) / 2)
+        finally:
+            writer.close()
+        return samples
+
+    async def run() -> list[float]:
+        samples: list[float] = []
+        for shard in shards:
+            samples += await measure(shard["status"]["dataEndpoint"])
+        return samples
+
+    return statistics.median(asyncio.run(run()))
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurrent_tokens: int,
+             root: Path) -> dict[str, Any]:
+    cluster = start_cluster(stages, root / f"stages{stages}")
+    try:
+        wait_nodes_ready(cluster, stages)
+        entry = cluster.nodes[0]
+        baseline = {n.name: rss(n.proc.pid) for n in cluster.nodes}
+        apply(entry, "bench", model)
+        shards = wait_serving(entry, "bench", stages=stages, timeout=120)
+        hop = hop_latency(shards)
+        stream_completion(entry, ids, 8)  # warm-up
+        runs = [stream_completion(entry, ids, tokens) for _ in range(3)]
+        best = max(runs, key=lambda r: r["decode_tps"])
+        result: dict[str, Any] = {
+            "stages": stages, "hop_ms_ping": hop * 1000, "ttft": statistics.median(r["ttft"] for r in runs),
+            "decode_tps": best["decode_tps"], "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
+            "tokens": best["tokens"],
+            "layers": [f"{s['spec']['layers']['start']}-{s['spec']['layers']['end'] - 1}" for s in shards],
+            "stage_nodes": [s["spec"]["nodeName"] for s in shards],
+            "aggregate_tps": {c: aggregate(entry, ids, concurrent_tokens, c) for c in (1, 2, 4)},
+        }
+        result["peak_rss"] = {n.name: peak_rss(n.proc.pid) for n in cluster.nodes}
+        result["baseline_rss"] = baseline
+        return result
+    finally:
+        cluster.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--concurrent-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+    model = build_model("small")
+    from mlx_lm.utils import load_tokenizer
+
+    ids = list(load_tokenizer(model).encode(PROMPT))
+    report: dict[str, Any] = {"prompt_tokens": len(ids), "single": single_process(model, ids, args.tokens)}
+    print(json.dumps(report), flush=True)
+    with tempfile.TemporaryDirectory(prefix="exo-bench-pipeline-") as tmp:
+        report["pipelines"] = []
+        for stages in (1, 2, 3):
+            report["pipelines"].append(pipeline(model, ids, stages=stages, tokens=args.tokens,
+                                                concurrent_tokens=args.concurrent_tokens, root=Path(tmp)))
+            print(json.dumps(report["pipelines"][-1]), flush=True)
+    single = report["single"]
+    by_stages = {p["stages"]: p for p in report["pipelines"]}
+    per_token = {k: 1 / p["decode_tps"] for k, p in by_stages.items()}
+    report["hop_ms_derived"] = {k: (per_token[k] - per_token[1]) / (k - 1) * 1000 for k in (2, 3)}
+    report["ratio_2stage_vs_single"] = by_stages[2]["decode_tps"] / single["decode_tps"]
+    report["rss_ratio_2stage"] = {n: v / single["peak_rss"] for n, v in by_stages[2]["peak_rss"].items()}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""``GET /internal/v1/datapath``: what this node's stage server holds right now — the shards it
+serves, requests open on each, and KV caches still in memory. Operators and tests use it to see
+that finished, cancelled or abandoned requests leave nothing behind."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from reconciler.datapath.stage import StageServer
+
+DATAPATH_PATH = "/internal/v1/datapath"
+
+
+def datapath_status(stage_server: StageServer) -> dict:
+    return {"port": stage_server.port,
+            "shards": {name: stage_server.active_requests(name) for name in stage_server.shard_names()},
+            "activeRequests": stage_server.active_requests(),
+            "kvCaches": stage_server.kv_caches()}
+
+
+def add_datapath_routes(app: web.Application, *, stage_server: StageServer) -> None:
+    """Mount the read-only status route (under /internal, so it needs the cluster token)."""
+    async def get_status(request: web.Request) -> web.Response:
+        return web.json_response(datapath_status(stage_server))
+
+    app.router.add_get(DATAPATH_PATH, get_status)

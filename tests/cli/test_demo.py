@@ -1,0 +1,125 @@
+"""``exoctl demo`` as a user runs it: a subprocess with its own HOME, a second ``exoctl`` that needs
+no flags while it serves, and Ctrl-C that stops every node and puts the config file back."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.cluster import free_port_block
+
+ROOT = Path(__file__).resolve().parents[2]
+EXOCTL = [sys.executable, "-m", "exo_ctl.cli.main"]
+
+
+@pytest.fixture
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """A user of their own: HOME and XDG dirs in tmp_path; the model cache shared (built once)."""
+    from examples.build_model import build_model, default_cache_dir
+
+    build_model("tiny")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXOCTL_", "EXO_CLUSTER", "XDG_"))}
+    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               XDG_DATA_HOME=str(tmp_path / "data"), EXO_MODEL_CACHE=str(default_cache_dir()))
+    return env
+
+
+def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    found: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            found.put(line)
+        found.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return found
+
+
+def wait_for_line(lines: queue.Queue[str | None], text: str, seen: list[str], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            raise AssertionError("the demo exited early:\n" + "".join(seen))
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"no {text!r} line after {timeout}s:\n" + "".join(seen))
+
+
+def node_processes(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "reconciler.main" in cmdline and any(str(data_dir) in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_until_ctrl_c(user_env, tmp_path):
+    config_file = tmp_path / "config" / "exoctl" / "config.yaml"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("server: http://127.0.0.1:1\ntoken: the-users-own\n")
+    before = config_file.read_bytes()
+    port = free_port_block(set(), size=9)
+    data_dir = tmp_path / "demo"
+    demo = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
+    seen: list[str] = []
+    try:
+        lines = lines_of(demo)
+        wait_for_line(lines, "serving at", seen, timeout=120)
+        assert len(node_processes(data_dir)) == 3
+
+        got = subprocess.run([*EXOCTL, "get", "nodes"], capture_output=True, text=True, env=user_env, cwd=ROOT,
+                             timeout=30)
+        assert got.returncode == 0, got.stderr
+        rows = got.stdout.strip().splitlines()[1:]
+        assert sorted(row.split()[:2] for row in rows) == [["demo-0", "Ready"], ["demo-1", "Ready"],
+                                                           ["demo-2", "Ready"]]
+        shards = subprocess.run([*EXOCTL, "get", "shards"], capture_output=True, text=True, env=user_env, cwd=ROOT,
+                                timeout=30)
+        assert len(shards.stdout.strip().splitlines()) == 4, shards.stdout + shards.stderr
+
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+        time.sleep(0.2)
+        while (line := lines.get(timeout=5)) is not None:
+            seen.append(line)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        print("".join(seen))
+    assert "exoctl demo: stopped 3 nodes\n" in seen
+    assert not [line for line in seen if "warning" in line or "Traceback" in line]
+    assert node_processes(data_dir) == []
+    assert config_file.read_bytes() == before
+
+
+def test_the_demo_refuses_a_taken_port_with_one_clear_line(user_env, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(tmp_path / "demo")],
+                                capture_output=True, text=True, env=user_env, cwd=ROOT, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use (demo-0 needs ports {port}-{port + 2}); "
+        "is another exo node or exoctl demo running? stop it, or pass --api-port"]
+    assert not (tmp_path / "demo").exists()

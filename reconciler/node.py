@@ -4,6 +4,8 @@ data path, node registration, and the controllers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +37,12 @@ def exo_version() -> str:
         return version("exoctl")
     except PackageNotFoundError:
         return "0.0.0"
+
+
+def data_path_token(secret: str) -> str:
+    """What stage connections present in their HELLO: derived from the cluster secret, so the
+    data port serves only members of this cluster and never sees the secret itself."""
+    return hmac.new(secret.encode(), b"exo-data-path-v1", hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class ExoNode:
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
-        self.backend = ClusterBackend(store=store)
+        self.backend = ClusterBackend(store=store, data_token=data_path_token(self.config.secret))
         add_openai_routes(app, backend=self.backend, metrics=self.metrics)
         add_metrics_routes(app, metrics=self.metrics, token=self.config.secret)
         if self.stage_server is not None:
@@ -113,7 +121,7 @@ class ExoNode:
         self.store = store = await self._form_cluster()
         self._tasks.append(asyncio.create_task(self._register_self(), name="exo-register-self"))
 
-        self.stage_server = StageServer(host=config.host, port=config.data_port)
+        self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_path_token(config.secret))
         try:
             await self.stage_server.start()
         except OSError as exc:

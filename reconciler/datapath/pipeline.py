@@ -27,6 +27,7 @@ from reconciler.datapath.wire import (
     StageAddress,
     Tensor,
     WireError,
+    hello_frame,
     open_connection,
     read_frame,
     write_frame,
@@ -151,6 +152,7 @@ class PipelineClient:
         connect_timeout_s: float = 3.0,
         heartbeat_interval_s: float = 0.5,
         dead_after_s: float = 2.5,
+        token: str | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be at least 1, got {prefill_chunk}")
@@ -158,6 +160,7 @@ class PipelineClient:
         self._connect_timeout_s = connect_timeout_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._dead_after_s = dead_after_s
+        self._token = token  # sent in a HELLO on every new stage connection
         self.hop_observer: Callable[[float], None] | None = None  # seconds per network hop (metrics)
         self._connections: dict[tuple[str, int], _StageConnection] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -170,6 +173,8 @@ class PipelineClient:
                 return conn
             try:
                 reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+                if self._token is not None:
+                    write_frame(writer, hello_frame(self._token))
             except (OSError, asyncio.TimeoutError) as exc:
                 raise StageLost(f"cannot reach stage {address}: {exc or 'timed out'}") from None
             conn = _StageConnection(

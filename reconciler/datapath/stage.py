@@ -30,6 +30,8 @@ from reconciler.datapath.wire import (
     StageAddress,
     WireError,
     array_to_tensor,
+    check_hello,
+    hello_frame,
     open_connection,
     read_frame,
     set_nodelay,
@@ -138,8 +140,10 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 class StageServer:
     """Hosts loaded shards behind one TCP port. Start with `await start()`, stop with `stop()`."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0,
+                 token: str | None = None) -> None:
         self.host = host
+        self._token = token  # when set, every connection must open with a HELLO carrying it
         self._port = port
         self._connect_timeout_s = connect_timeout_s
         self._shards: dict[str, ShardModel] = {}
@@ -231,6 +235,8 @@ class StageServer:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
         try:
+            if self._token is not None:
+                await check_hello(reader, token=self._token, timeout_s=self._connect_timeout_s)
             while True:
                 await self._dispatch(peer, await read_frame(reader))
         except ConnectionClosed:
@@ -251,6 +257,8 @@ class StageServer:
             if link is not None and not link.closed:
                 return link
             reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+            if self._token is not None:
+                write_frame(writer, hello_frame(self._token))
             link = _Peer(writer, f"{address.host}:{address.port}")
             self._links[key] = link
             self._spawn(self._watch_link(key, link, reader), name=f"stage-link-{address.host}:{address.port}")

@@ -40,6 +40,7 @@ class Kind(enum.IntEnum):
     ERROR = 6  # stage -> origin: meta = ErrorReport; the request is dropped on that stage
     PING = 7
     PONG = 8
+    HELLO = 9  # first frame on every connection when the server requires a token: meta = {"token"}
 
 
 # Wire dtype codes; numpy has no bfloat16, so bf16 travels as its raw 16-bit pattern.
@@ -234,6 +235,28 @@ async def open_connection(host: str, port: int, *, timeout_s: float) -> tuple[as
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     set_nodelay(writer)
     return reader, writer
+
+
+def hello_frame(token: str) -> Frame:
+    return Frame(Kind.HELLO, 0, meta={"token": token})
+
+
+async def check_hello(reader: asyncio.StreamReader, *, token: str, timeout_s: float) -> None:
+    """The first frame of a connection must be a HELLO with ``token``; anything else is refused
+    before any other frame is read (a small header is all an unauthenticated peer gets to send)."""
+    import hmac
+
+    try:
+        header = decode_header(await asyncio.wait_for(reader.readexactly(HEADER.size), timeout_s))
+        if header.kind is not Kind.HELLO or header.data_len or header.meta_len > 1024:
+            raise WireError("the first frame must be HELLO with the cluster's data-path token")
+        meta = await asyncio.wait_for(reader.readexactly(header.meta_len), timeout_s)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+        raise WireError("no HELLO from the peer") from None
+    frame = decode_body(header, meta, b"")
+    offered = str((frame.meta or {}).get("token", ""))
+    if not hmac.compare_digest(offered.encode(), token.encode()):
+        raise WireError("wrong data-path token (is the peer from another cluster?)")
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:

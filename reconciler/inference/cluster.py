@@ -96,11 +96,12 @@ class ClusterModel:
 class ClusterBackend:
     """``InferenceBackend`` over the store's ModelDeployments and Shards."""
 
-    def __init__(self, *, store: Store, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, store: Store, data_token: str | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._monotonic = monotonic
         self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
-        self.client = datapath.PipelineClient()
+        self.client = datapath.PipelineClient(token=data_token)
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._round_robin = itertools.count()

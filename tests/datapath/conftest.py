@@ -83,9 +83,10 @@ def reference_tokens():
 class RunningStages:
     """StageServers on 127.0.0.1, one per layer range, each serving its own loaded shard."""
 
-    def __init__(self, model_path: Path, ranges: list[tuple[int, int]]) -> None:
+    def __init__(self, model_path: Path, ranges: list[tuple[int, int]], *, token: str | None = None) -> None:
         self.model_path = model_path
         self.ranges = ranges
+        self.token = token
         self.servers = []
         self.shards = []
 
@@ -95,7 +96,7 @@ class RunningStages:
 
         for index, (start, end) in enumerate(self.ranges):
             shard = await open_shard(self.model_path, start=start, end=end)
-            server = StageServer(host="127.0.0.1", port=0)
+            server = StageServer(host="127.0.0.1", port=0, token=self.token)
             server.add_shard(f"stage{index}", shard)
             await server.start()
             self.shards.append(shard)

@@ -14,6 +14,7 @@ import pytest
 
 from reconciler.datapath.pipeline import PipelineClient
 from reconciler.inference.cluster import ready_routes
+from reconciler.node import data_path_token
 from tests.cluster import Cluster, ExoProcess, exo_cluster, start_cluster  # noqa: F401  (fixture)
 from tests.e2e.serving import (DEPLOYMENTS, Reference, apply, node_named, shards_of, wait_nodes_ready,
                                wait_serving)
@@ -92,7 +93,7 @@ def pipeline_ids(node: ExoProcess, deployment: str, prompt_ids: list[int], max_t
     assert len(routes) == 1 and len(routes[0]) == STAGES[deployment]
 
     async def run() -> list[int]:
-        async with PipelineClient() as client:
+        async with PipelineClient(token=data_path_token(node.secret)) as client:
             tokens = client.generate(routes[0], prompt_ids, max_tokens=max_tokens, stop_ids=eos)
             async with contextlib.aclosing(tokens):
                 return [token async for token in tokens]

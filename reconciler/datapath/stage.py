@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p
 
 from reconciler.datapath.wire import (
     FLAG_SAMPLE,
@@ -95,6 +94,8 @@ def _sample(request: _Request, logprobs: mx.array) -> int:
         request.rng_key = mx.random.key(params.seed)
     request.rng_key, draw_key = mx.random.split(request.rng_key)
     if 0 < params.top_p < 1.0:
+        from mlx_lm.sample_utils import apply_top_p  # imported on first use: mlx_lm takes seconds to import
+
         logprobs = apply_top_p(logprobs, params.top_p)
     token = mx.random.categorical(logprobs * (1.0 / params.temperature), key=draw_key)
     return int(token.item())

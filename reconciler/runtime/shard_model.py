@@ -16,9 +16,6 @@ from typing import Any, Callable, TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load_model
 
 T = TypeVar("T")
 
@@ -80,11 +77,15 @@ class ShardModel:
 
     def make_cache(self) -> list[Any]:
         """A fresh KV cache for this shard's layers (one entry per owned layer)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
         return make_prompt_cache(self.model)
 
     def forward(self, x: mx.array, *, cache: list[Any]) -> mx.array:
         """Token ids (1, L) on the first stage or hidden states (1, L, D) otherwise, to hidden
         states (1, L, D), or logits (1, L, vocab) on the last stage. Lazy: the caller evaluates."""
+        from mlx_lm.models.base import create_attention_mask  # loaded with the model already
+
         inner = self.model.model
         h = inner.embed_tokens(x) if self.is_first else x
         mask = create_attention_mask(h, cache[0] if cache else None)
@@ -155,6 +156,10 @@ def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: Com
                          progress: Progress | None = None) -> ShardModel:
     num_layers = _read_num_layers(model_path)
     _check_range(start=start, end=end, num_layers=num_layers, model_path=model_path)
+    # mlx_lm is imported here, not at module level: the package takes seconds to import (it pulls
+    # in transformers) and a node should not pay that before it holds any shard.
+    from mlx_lm.utils import load_model
+
     model, config = load_model(model_path, lazy=True)
     _slice_model(model, start=start, end=end, num_layers=num_layers, model_path=model_path)
     total, done = max(parameter_bytes(model), 1), 0   # nbytes is known before evaluation

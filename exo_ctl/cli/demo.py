@@ -356,15 +356,23 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        print("\nexoctl demo: stopping the nodes...", file=out, flush=True)
+        _say(out, "\nexoctl demo: stopping the nodes...")
         problems = cluster.stop()
         restored = config.restore()
         for line in problems + ([restored] if restored else []):
-            print(f"exoctl demo: {line}", file=out, flush=True)
+            _say(out, f"exoctl demo: {line}")
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"exoctl demo: stopped {len(cluster.procs)} nodes", file=out, flush=True)
+    _say(out, f"exoctl demo: stopped {len(cluster.procs)} nodes")
     return EXIT_OK if serving and not problems else (EXIT_INTERRUPTED if not serving else 1)
+
+
+def _say(out: Any, line: str) -> None:
+    """Print during shutdown; a closed terminal or pipe must not stop the nodes' cleanup."""
+    try:
+        print(line, file=out, flush=True)
+    except OSError:
+        pass
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -25,7 +25,8 @@ def _condition(kind: str, value: bool, reason: str, message: str, *, generation:
 
 
 def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]],
-                      problem: tuple[str, str] | None, now: str) -> dict[str, Any]:
+                      problem: tuple[str, str] | None, now: str,
+                      api_urls: dict[str, str] | None = None) -> dict[str, Any]:
     """Pure: the status the deployment should have, given its shards and the scheduler's verdict
     (``problem`` = (reason, message) when it could not be placed, e.g. Unschedulable or ModelNotFound)."""
     generation = deployment["metadata"].get("generation", 1)
@@ -35,11 +36,15 @@ def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]
     for shard in shards:
         by_replica.setdefault(shard["spec"]["replica"], []).append(shard)
 
-    ready_replicas = 0
-    for replica_shards in by_replica.values():
+    ready_replicas, endpoint = 0, None
+    for replica in sorted(by_replica):
+        replica_shards = by_replica[replica]
         stages = replica_shards[0]["spec"]["stages"]
         if len(replica_shards) == stages and all(shard_ready(s) for s in replica_shards):
             ready_replicas += 1
+            if endpoint is None:  # any node serves the model; the first stage's node is the natural entry
+                first = min(replica_shards, key=lambda s: s["spec"]["index"])["spec"]["nodeName"]
+                endpoint = (api_urls or {}).get(first)
     failed = [s for s in shards if (s.get("status") or {}).get("phase") == "Failed"]
     loading = [s for s in shards if not shard_ready(s)]
 
@@ -75,4 +80,6 @@ def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]
     ]
     status: dict[str, Any] = {"observedGeneration": generation, "readyReplicas": ready_replicas,
                               "shards": summary, "conditions": conditions}
+    if endpoint:
+        status["endpoint"] = f"{endpoint}/v1"
     return status

@@ -83,6 +83,7 @@ async def test_shards_reported_ready_make_the_deployment_ready(tiny_model):
     md = store.get(("ModelDeployment", "default", "tiny"))
     assert condition(store, "Ready")["status"] == "True"
     assert md["status"]["readyReplicas"] == 1 and md["status"]["observedGeneration"] == 1
+    assert md["status"]["endpoint"] == "http://127.0.0.1:1/v1"  # node a's API (apiPort 1 in this test)
     assert condition(store, "Stalled")["status"] == "False" and condition(store, "Reconciling")["status"] == "False"
 
 

@@ -31,8 +31,8 @@ from exo_ctl.api.status import status_object
 from reconciler.config import ConfigError, NodeConfig
 from reconciler.discovery.bootstrap import DEFAULT_WINDOW, Bootstrapped, api_port_open, run_bootstrap
 from reconciler.discovery.mdns import Announcement, MdnsDiscovery, cluster_id_from_secret, validate_interfaces
-from reconciler.membership import (JoinError, MemberInfo, SecretRefused, fetch_members, request_admission,
-                                   tcp_reachable)
+from reconciler.membership import JoinError, MemberInfo, SecretRefused, fetch_members, request_admission
+from reconciler.reachability import tcp_reachable
 from reconciler.store.raft import RaftSettings, RaftStore, load_members
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from exo_ctl.api.status import status_object
+from reconciler.reachability import tcp_reachable
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftStore
 
@@ -71,20 +72,6 @@ def members_document(store: RaftStore) -> dict[str, Any]:
         "members": [{"raftAddress": m, **directory.get(m, {}), "leader": m == view.leader}
                     for m in view.members],
     }
-
-
-async def tcp_reachable(address: str, *, timeout: float = 2.0) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return True
 
 
 def _error(code: int, message: str) -> web.Response:

@@ -23,6 +23,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.discovery.mdns import Announcement, CandidateEvent
+from reconciler.reachability import tcp_reachable
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +118,7 @@ class CandidateSource(Protocol):
 
 async def api_port_open(candidate: Announcement, *, timeout: float = 1.0) -> bool:
     """Liveness probe: does the candidate accept TCP connections on its API port?"""
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(candidate.address, candidate.api_port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return True
+    return await tcp_reachable(candidate.api_address, timeout=timeout)
 
 
 async def run_bootstrap(*, discovery: CandidateSource,

@@ -1,6 +1,6 @@
 """Data path: hidden states stage -> stage over TCP, tokens back to the request's origin."""
 
-from reconciler.datapath.pipeline import PipelineClient, PipelineError, StageLost, generate_tokens
+from reconciler.datapath.pipeline import PipelineClient, PipelineError, StageLost
 from reconciler.datapath.stage import StageServer
 from reconciler.datapath.wire import SamplingParams, StageAddress
 
@@ -11,5 +11,4 @@ __all__ = [
     "StageAddress",
     "StageLost",
     "StageServer",
-    "generate_tokens",
 ]

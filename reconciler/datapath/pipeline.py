@@ -264,23 +264,3 @@ class PipelineClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-async def generate_tokens(
-    route: Sequence[StageAddress],
-    prompt_ids: Sequence[int],
-    *,
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop_ids: Iterable[int] = (),
-) -> AsyncIterator[int]:
-    """One request on a client of its own (see `PipelineClient.generate`)."""
-    async with PipelineClient() as client:
-        tokens = client.generate(
-            route, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids
-        )
-        async with contextlib.aclosing(tokens):
-            async for token in tokens:
-                yield token

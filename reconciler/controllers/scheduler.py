@@ -65,9 +65,13 @@ class SchedulerController(Controller):
         self.clock = clock
         self.resolve = profile_resolver
         self._profiles: dict[tuple[str, str | None, str | None], tuple[float, ModelProfile | str]] = {}
+        # Inputs of each settled deployment, and until when they count as settled.
+        self._inputs: dict[tuple[str, str | None], tuple[tuple[Any, ...], float]] = {}
+        self._last_full_pass = float("-inf")
 
     def stop(self) -> None:
         self._profiles.clear()
+        self._inputs.clear()
 
     def profile(self, deployment: ModelDeployment) -> ModelProfile | str:
         """The model's profile, or why it cannot be read (retried after a few seconds)."""
@@ -85,21 +89,50 @@ class SchedulerController(Controller):
 
     async def reconcile(self) -> None:
         deployments, _ = self.store.list("ModelDeployment")
-        nodes = [Node.model_validate(n) for n in self.store.list("Node")[0]]
+        node_objects, _ = self.store.list("Node")
         shard_objects, _ = self.store.list("Shard")
-        shards = [Shard.model_validate(s) for s in shard_objects]
+        now = self.clock()
+        if now - self._last_full_pass >= self.resync_seconds:
+            self._inputs.clear()  # the slow resync looks at everything again
+            self._last_full_pass = now
+        nodes_version = tuple((n["metadata"]["name"], n["metadata"]["resourceVersion"]) for n in node_objects)
+        shard_versions: dict[tuple[str, str | None], list[tuple[str, str]]] = {}
+        for shard in shard_objects:
+            owner = (shard["spec"]["deployment"], shard["spec"].get("deploymentUid"))
+            shard_versions.setdefault(owner, []).append((shard["metadata"]["name"], shard["metadata"]["resourceVersion"]))
+        nodes: list[Node] | None = None
+        shards: list[Shard] | None = None
         live_keys = set()
         for raw in deployments:
-            deployment = ModelDeployment.model_validate(raw)
-            live_keys.add((deployment_key(deployment), deployment.metadata.uid))
-            await self._reconcile_one(raw, deployment, nodes, shards)
+            meta = raw["metadata"]
+            owner = (f"{meta['namespace']}/{meta['name']}", meta.get("uid"))
+            live_keys.add(owner)
+            # Level-triggered, but a deployment whose inputs (itself, the nodes, its shards) have
+            # not changed since its last settled pass is skipped: a pass costs O(deployments).
+            inputs = (meta["resourceVersion"], nodes_version, tuple(shard_versions.get(owner, ())))
+            seen = self._inputs.get(owner)
+            if seen is not None and seen[0] == inputs and now < seen[1]:
+                continue
+            if nodes is None or shards is None:
+                nodes = [Node.model_validate(n) for n in node_objects]
+                shards = [Shard.model_validate(s) for s in shard_objects]
+            settled_until = await self._reconcile_one(raw, ModelDeployment.model_validate(raw), nodes, shards)
+            if settled_until is None:
+                self._inputs.pop(owner, None)
+            else:
+                self._inputs[owner] = (inputs, settled_until)
+        for owner in list(self._inputs):
+            if owner not in live_keys:
+                del self._inputs[owner]
         # Garbage-collect shards whose deployment is gone (or was deleted and recreated).
-        for shard in shards:
-            if (shard.spec.deployment, shard.spec.deploymentUid) not in live_keys:
-                await self._delete_shard(shard.metadata.name)
+        for shard in shard_objects:
+            if (shard["spec"]["deployment"], shard["spec"].get("deploymentUid")) not in live_keys:
+                await self._delete_shard(shard["metadata"]["name"])
 
     async def _reconcile_one(self, raw: dict[str, Any], deployment: ModelDeployment,
-                             nodes: list[Node], shards: list[Shard]) -> None:
+                             nodes: list[Node], shards: list[Shard]) -> float | None:
+        """Converge one deployment. Returns until when it is settled if nothing had to be written
+        (forever, or until a missing model is looked for again), None when it wrote something."""
         key, uid = deployment_key(deployment), deployment.metadata.uid
         ours = {s.metadata.name: s for s in shards if s.spec.deployment == key and s.spec.deploymentUid == uid}
         problem: tuple[str, str] | None = None
@@ -111,17 +144,19 @@ class SchedulerController(Controller):
             desired = desired_shards(deployment, plan)
             if not plan.schedulable:
                 problem = ("Unschedulable", plan.reason or "cannot be placed")
+        wrote = False
         if problem is None or desired:
-            await self._converge(desired, ours)
+            wrote = await self._converge(desired, ours)
         shards_now = [s for s in self.store.list("Shard")[0]
                       if s["spec"]["deployment"] == key and s["spec"].get("deploymentUid") == uid]
         live = self.store.get(("ModelDeployment", deployment.metadata.namespace or "default", deployment.metadata.name))
         if live is None:
-            return
+            return None
         api_urls = {n.metadata.name: f"http://{n.spec.address}:{n.spec.apiPort}" for n in nodes}
         status = deployment_status(deployment=live, shards=shards_now, problem=problem, now=utcnow_iso(),
                                    api_urls=api_urls)
         if not _same(status, live.get("status")):
+            wrote = True
             try:
                 await self.store.submit(make_command(
                     "status", ("ModelDeployment", live["metadata"]["namespace"], live["metadata"]["name"]),
@@ -129,13 +164,20 @@ class SchedulerController(Controller):
             except StoreError as error:
                 if error.code not in (404, 409):
                     raise  # 404/409: it changed under us; the next pass (already woken) sees it
+        if wrote:
+            return None
+        # A model that could not be read is looked for again after PROFILE_RETRY_SECONDS.
+        return self.clock() + PROFILE_RETRY_SECONDS if problem and problem[0] == "ModelNotFound" else float("inf")
 
-    async def _converge(self, desired: dict[str, dict[str, Any]], ours: dict[str, Shard]) -> None:
+    async def _converge(self, desired: dict[str, dict[str, Any]], ours: dict[str, Shard]) -> bool:
+        """Create, move or delete this deployment's shards; True when anything was written."""
+        wrote = False
         for name, body in desired.items():
             current = ours.get(name)
             if current is None:
                 log.info("scheduling shard %s on %s (layers %s)", name, body["spec"]["nodeName"],
                          body["spec"]["layers"])
+                wrote = True
                 try:
                     await self.store.submit(make_command("create", ("Shard", "", name), body=body))
                 except StoreError as error:
@@ -144,10 +186,13 @@ class SchedulerController(Controller):
             elif not _same(current.spec.model_dump(mode="json", exclude_none=True), body["spec"]) \
                     or current.metadata.labels != body["metadata"]["labels"]:
                 log.info("moving shard %s to %s (layers %s)", name, body["spec"]["nodeName"], body["spec"]["layers"])
+                wrote = True
                 await self.store.submit(make_command("replace", ("Shard", "", name), body=body,
                                                      expected_rv=current.metadata.resourceVersion))
         for name in ours.keys() - desired.keys():
+            wrote = True
             await self._delete_shard(name)
+        return wrote
 
     async def _delete_shard(self, name: str) -> None:
         log.info("deleting shard %s", name)

@@ -17,8 +17,9 @@ from reconciler.controllers.deployment_status import shard_ready
 from reconciler.datapath import pipeline as datapath
 from reconciler.datapath.wire import StageAddress
 from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
-from reconciler.runtime.model_files import ModelFilesError, local_model_path
+from reconciler.runtime.model_files import TOKENIZER_PATTERNS, ModelFilesError, local_model_path
 from reconciler.store.base import Store
+from reconciler.store.state import StoreState
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0
@@ -105,7 +106,16 @@ class ClusterBackend:
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._round_robin = itertools.count()
-        self._unsubscribe = store.add_listener(lambda state: self.prefetch_tokenizers())
+        self._seen_revision = store.revision
+        self._unsubscribe = store.add_listener(self._on_change)
+
+    def _on_change(self, state: StoreState) -> None:
+        """Prefetch when a deployment changed (not on every lease renewal), and drop the
+        tokenizers no deployment uses any more."""
+        events = state.events_after(self._seen_revision)
+        self._seen_revision = state.revision
+        if any(event.object.get("kind") == "ModelDeployment" for event in events):
+            self.prefetch_tokenizers()
 
     def _deployments(self) -> list[dict[str, Any]]:
         return self.store.list("ModelDeployment")[0]
@@ -144,7 +154,16 @@ class ClusterBackend:
         return self._tokenizers[key]
 
     def prefetch_tokenizers(self) -> None:
-        for deployment in self._deployments():
+        """Load, off the event loop, the tokenizer of every deployment that is Ready (only then
+        can this node be asked to serve it), so requests never wait for one."""
+        deployments = self._deployments()
+        wanted = {(d["spec"]["model"]["source"], d["spec"]["model"].get("revision")) for d in deployments}
+        for key in list(self._tokenizers):
+            if key not in wanted:
+                del self._tokenizers[key]
+        for deployment in deployments:
+            if _ready_condition(deployment)["status"] != "True":
+                continue
             spec = deployment["spec"]["model"]
             key = (spec["source"], spec.get("revision"))
             failed_at = self._failed_at.get(key)
@@ -174,5 +193,6 @@ class ClusterBackend:
 def _load_tokenizer(source: str, revision: str | None) -> Any:
     from mlx_lm.utils import load_tokenizer
 
-    path: Path = local_model_path(source, revision=revision)
+    # An entry node needs the tokenizer only: never download a model's weights for it.
+    path: Path = local_model_path(source, revision=revision, patterns=TOKENIZER_PATTERNS)
     return load_tokenizer(path)

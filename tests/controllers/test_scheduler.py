@@ -1,5 +1,7 @@
 """The scheduler turns deployments into shards covering every layer, re-places them when nodes
 change, reports conditions, and cleans up after deletes (in-memory store, real model files)."""
+import shutil
+
 import pytest
 
 from examples.build_model import build_model
@@ -118,3 +120,33 @@ async def test_deleting_the_deployment_deletes_its_shards(tiny_model):
     await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
     await scheduler.reconcile()
     assert shards(store) == []
+
+
+async def test_a_settled_deployment_is_not_recomputed_until_its_inputs_change(tiny_model):
+    store = MemoryStore()
+    await add_node(store, "a")
+    await store.submit(make_command("apply", ("ModelDeployment", "default", "tiny"), body=md_body(tiny_model)))
+    scheduler = SchedulerController(store=store)
+    for _ in range(3):  # create shards, write status, then settle
+        await scheduler.reconcile()
+    settled_revision = store.revision
+    await scheduler.reconcile()
+    assert store.revision == settled_revision and scheduler._inputs  # nothing recomputed, nothing written
+    await add_node(store, "b")  # a new node is a new input: Spread takes it
+    await scheduler.reconcile()
+    assert {s["spec"]["nodeName"] for s in shards(store)} == {"a", "b"}
+
+
+async def test_a_missing_model_is_looked_for_again_after_the_retry_interval(tmp_path, tiny_model):
+    store = MemoryStore()
+    await add_node(store, "a")
+    now = [0.0]
+    missing = tmp_path / "later"
+    await store.submit(make_command("apply", ("ModelDeployment", "default", "tiny"), body=md_body(missing)))
+    scheduler = SchedulerController(store=store, clock=lambda: now[0])
+    await scheduler.reconcile()
+    assert condition(store, "Ready")["reason"] == "ModelNotFound"
+    shutil.copytree(tiny_model, missing)
+    now[0] = 10.0
+    await scheduler.reconcile()
+    assert len(shards(store)) == 1 and condition(store, "Ready")["reason"] == "ShardsLoading"

@@ -48,14 +48,32 @@ async def test_a_tokenizer_that_fails_to_load_is_retried_after_a_pause_not_on_ev
     now = [100.0]
     store = MemoryStore()
     backend = ClusterBackend(store=store, monotonic=lambda: now[0])
-    await create(store, deployment("tiny", ready="False"))
-    for index in range(5):  # leases and statuses change the store all the time
+    await create(store, deployment("tiny", ready="True"))
+    for index in range(5):  # leases change the store every second; statuses often
         await asyncio.sleep(0.05)
         await create(store, {"kind": "Lease", "metadata": {"name": f"lease-{index}"}})
+        await store.submit(make_command("status", ("ModelDeployment", "default", "tiny"),
+                                        body={"status": {**deployment("tiny", ready="True")["status"], "readyReplicas": index}}))
     await asyncio.sleep(0.05)
     assert calls == ["/models/tiny"]
     now[0] += TOKENIZER_RETRY_S + 1
-    await create(store, {"kind": "Lease", "metadata": {"name": "later"}})
+    await store.submit(make_command("status", ("ModelDeployment", "default", "tiny"),
+                                    body={"status": deployment("tiny", ready="True")["status"]}))
     await asyncio.sleep(0.05)
     assert calls == ["/models/tiny", "/models/tiny"]
+    await backend.close()
+
+
+async def test_only_ready_deployments_have_their_tokenizer_prefetched_and_lease_renewals_fetch_nothing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cluster, "_load_tokenizer", lambda source, revision: calls.append(source) or object())
+    store = MemoryStore()
+    backend = ClusterBackend(store=store)
+    await create(store, deployment("loading", ready="False"))
+    await create(store, {"kind": "Lease", "metadata": {"name": "node-a"}})
+    await asyncio.sleep(0.05)
+    assert calls == []
+    await create(store, deployment("serving", ready="True"))
+    await asyncio.sleep(0.05)
+    assert calls == ["/models/serving"]
     await backend.close()

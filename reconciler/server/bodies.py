@@ -26,10 +26,29 @@ class _ManifestLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-_ManifestLoader.yaml_implicit_resolvers = {
+_NO_TIMESTAMPS = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_ManifestLoader.yaml_implicit_resolvers = _NO_TIMESTAMPS
+
+if hasattr(yaml, "CSafeLoader"):
+    class _FastManifestLoader(yaml.CSafeLoader):  # libyaml: parsing in C is ~10x faster
+        """The same rules as _ManifestLoader; aliases are refused by a scan before loading."""
+
+    _FastManifestLoader.yaml_implicit_resolvers = _NO_TIMESTAMPS
+else:  # PyYAML built without libyaml
+    _FastManifestLoader = None  # type: ignore[assignment,misc]
+
+
+def _load_documents(text: str) -> list[Any]:
+    if _FastManifestLoader is None:
+        return [doc for doc in yaml.load_all(text, Loader=_ManifestLoader) if doc is not None]
+    for token in yaml.scan(text, Loader=_FastManifestLoader):
+        if isinstance(token, yaml.AliasToken):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported in manifests",
+                                              token.start_mark)
+    return [doc for doc in yaml.load_all(text, Loader=_FastManifestLoader) if doc is not None]
 
 
 async def read_body(request: web.Request, *, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -71,7 +90,7 @@ def parse_yaml(raw: bytes) -> Any:
     if not text.strip():
         raise ApiError(400, "request body is empty; send a YAML or JSON manifest")
     try:
-        documents = [doc for doc in yaml.load_all(text, Loader=_ManifestLoader) if doc is not None]
+        documents = _load_documents(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -21,6 +21,7 @@ import hmac
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -156,12 +157,19 @@ def check_interface(address: str, *, flag_given: bool) -> None:
 async def _join_known(config: NodeConfig, *, join_timeout: float) -> RaftStore:
     """The store of a node that rejoins, joins via --peers, or starts a new cluster alone."""
     partners, admitted = await known_partners(config, join_timeout=join_timeout)
+    return await _start_and_admit(config, partners, admitted=admitted, peers=config.peers,
+                                  deadline=time.monotonic() + join_timeout)
+
+
+async def _start_and_admit(config: NodeConfig, partners: tuple[str, ...], *, admitted: bool,
+                           peers: Sequence[str], deadline: float) -> RaftStore:
+    """Start this node's Raft peer with ``partners`` first, then, unless it is a member already,
+    ask ``peers`` to add it; the peer is closed again when that fails."""
     store = RaftStore(raft_settings(config, partners), admitted=admitted)
     if admitted:
         return store
     try:
-        await request_admission(config.peers, secret=config.secret, info=member_info(config),
-                                deadline=time.monotonic() + join_timeout)
+        await request_admission(peers, secret=config.secret, info=member_info(config), deadline=deadline)
     except BaseException:
         await store.close()
         raise
@@ -246,25 +254,14 @@ async def join_via(config: NodeConfig, target: Announcement) -> RaftStore | None
     members = tuple(m["raftAddress"] for m in document.get("members", []))
     if not members:
         return None
-    admitted = config.raft_address in members
-    store = RaftStore(raft_settings(config, members), admitted=admitted)
-    if admitted:
-        return store
     try:
-        await request_admission(peers, secret=config.secret, info=member_info(config),
-                                deadline=time.monotonic() + ADMISSION_ATTEMPT)
+        return await _start_and_admit(config, members, admitted=config.raft_address in members, peers=peers,
+                                      deadline=time.monotonic() + ADMISSION_ATTEMPT)
+    except SecretRefused:
+        raise
     except JoinError as exc:
-        await store.close()
-        if isinstance(exc, SecretRefused):
-            raise
         log.info("discovery: admission via %s failed, will retry: %s", target.node_name, exc)
         return None
-    except BaseException:
-        await store.close()
-        raise
-    store.mark_admitted()
-    log.info("admitted to the cluster as %s", config.raft_address)
-    return store
 
 
 async def keep_announcing(mdns: MdnsDiscovery, store: RaftStore) -> None:

@@ -94,24 +94,23 @@ class ExoNode:
         return formed.store
 
     # -- services --
-    def build_http_app(self, store: RaftStore) -> web.Application:
+    def build_http_app(self, store: RaftStore, *, stage_server: StageServer,
+                       backend: ClusterBackend) -> web.Application:
+        """One app on the API port: control plane, membership, OpenAI API, dashboard, metrics."""
+        from reconciler.observability import StateSources, install_node_metrics
         from reconciler.server.app import create_app
         from reconciler.server.dashboard import add_dashboard_routes
-        from reconciler.server.openai_api import add_openai_routes
-        from reconciler.observability import StateSources, install_node_metrics
+        from reconciler.server.datapath_status import add_datapath_routes
         from reconciler.server.metrics_routes import add_metrics_routes
+        from reconciler.server.openai_api import add_openai_routes
 
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
-        self.backend = ClusterBackend(store=store, data_token=data_path_token(self.config.secret))
-        add_openai_routes(app, backend=self.backend, metrics=self.metrics)
+        add_openai_routes(app, backend=backend, metrics=self.metrics)
         add_metrics_routes(app, metrics=self.metrics, token=self.config.secret)
-        if self.stage_server is not None:
-            from reconciler.server.datapath_status import add_datapath_routes
-
-            add_datapath_routes(app, stage_server=self.stage_server)
-        install_node_metrics(self.metrics, app=app, pipeline=self.backend.client, sources=StateSources(
+        add_datapath_routes(app, stage_server=stage_server)
+        install_node_metrics(self.metrics, app=app, pipeline=backend.client, sources=StateSources(
             store=store, node_name=self.config.name, lease_ages=lambda: self.lifecycle.lease_ages if self.lifecycle else {},
             queue_depth=lambda: self._controllers.queue_depth() if self._controllers else 0))
         return app
@@ -121,14 +120,16 @@ class ExoNode:
         self.store = store = await self._form_cluster()
         self._tasks.append(asyncio.create_task(self._register_self(), name="exo-register-self"))
 
-        self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_path_token(config.secret))
+        data_token = data_path_token(config.secret)
+        self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_token)
         try:
             await self.stage_server.start()
         except OSError as exc:
             raise OSError(f"data port: cannot listen on {config.host}:{config.data_port} "
                           f"(--api-port + 2): {exc.strerror}") from None
 
-        app = self.build_http_app(store)
+        self.backend = ClusterBackend(store=store, data_token=data_token)
+        app = self.build_http_app(store, stage_server=self.stage_server, backend=self.backend)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.api_port, reuse_address=True)

@@ -197,30 +197,27 @@ class OpenAIApi:
         raise _model_not_found(name)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        observe = self._observer(None)
-        try:
-            chat = parse_chat_request(await _read_body(request))
-            observe = self._observer(chat.options.model)
-            handle = self._resolve(chat.options.model)
-            prompt_ids = _chat_prompt_ids(handle, chat)
-        except OpenAIError as error:
-            observe.finished(error.status)
-            raise
-        return await self._respond(request, handle=handle, prompt_ids=prompt_ids, options=chat.options,
-                                   shape=CHAT, observe=observe)
+        return await self._generate(request, parse=parse_chat_request, prompt_ids=_chat_prompt_ids, shape=CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse=parse_completion_request, prompt_ids=_completion_prompt_ids,
+                                    shape=TEXT)
+
+    async def _generate(self, request: web.Request, *, parse: Callable[[Any], Any],
+                        prompt_ids: Callable[[Any, Any], list[int]], shape: _Shape) -> web.StreamResponse:
+        """Parse, resolve the model and tokenize (each failure counted as a finished request),
+        then answer streaming or not."""
         observe = self._observer(None)
         try:
-            completion = parse_completion_request(await _read_body(request))
-            observe = self._observer(completion.options.model)
-            handle = self._resolve(completion.options.model)
-            prompt_ids = _completion_prompt_ids(handle, completion)
+            parsed = parse(await _read_body(request))
+            observe = self._observer(parsed.options.model)
+            handle = self._resolve(parsed.options.model)
+            ids = prompt_ids(handle, parsed)
         except OpenAIError as error:
             observe.finished(error.status)
             raise
-        return await self._respond(request, handle=handle, prompt_ids=prompt_ids, options=completion.options,
-                                   shape=TEXT, observe=observe)
+        return await self._respond(request, handle=handle, prompt_ids=ids, options=parsed.options,
+                                   shape=shape, observe=observe)
 
     def _observer(self, model: str | None) -> _Observer:
         # Label by the deployment name; requests for unknown models share "" (no label explosion).

@@ -41,10 +41,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for outgoing connections (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(taken: set[int], size: int = PORTS_PER_NODE) -> int:
-    """A base port with ``size`` consecutive free ports (none in ``taken``)."""
+    """A base port with ``size`` consecutive free ports (none in ``taken``), below the ephemeral
+    range: a node binds its data port seconds after this check, and an outgoing connection of
+    another test must not take it in between."""
+    ceiling = max(_ephemeral_floor(), 21000)
     for _ in range(500):
-        base = random.randrange(20000, 60000 - size)
+        base = random.randrange(20000, ceiling - size)
         block = range(base, base + size)
         if not taken.intersection(block) and all(_port_free(p) for p in block):
             taken.update(block)

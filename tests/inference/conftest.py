@@ -1,6 +1,7 @@
 """The tiny local model, its tokenizer, a twin backend and a client of the API over it."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from reconciler.inference.backend import ModelCard
+from reconciler.inference.local import LocalBackend
 from reconciler.metrics import NodeMetrics
 
 from tests.inference.backend_twin import ScriptedModel, TwinBackend
@@ -27,6 +29,15 @@ def tokenizer(tiny_model_dir: Path):
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_model_dir: Path):
+    """The real single-process MLX backend on the tiny model, loaded once."""
+    backend = LocalBackend({"tiny": tiny_model_dir}, served_names={"tiny": "exo/tiny"})
+    asyncio.run(backend.load())
+    yield backend
+    backend.close()
 
 
 @pytest.fixture

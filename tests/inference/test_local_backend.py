@@ -15,14 +15,6 @@ MESSAGES = [{"role": "user", "content": "What is free software?"}]
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    backend = LocalBackend({"tiny": tiny_model_dir}, served_names={"tiny": "exo/tiny"})
-    asyncio.run(backend.load())
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """mlx_lm's own model and tokenizer, loaded separately."""
     import mlx_lm

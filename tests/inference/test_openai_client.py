@@ -2,25 +2,15 @@
 inference on the tiny model: greedy output equals mlx_lm's own, streamed or not."""
 from __future__ import annotations
 
-import asyncio
 
 import openai
 import pytest
 
 from tests.inference.inference_helpers import TOKEN, serve
-from reconciler.inference.local import LocalBackend
 from reconciler.metrics import NodeMetrics
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]
 MAX_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    backend = LocalBackend({"tiny": tiny_model_dir}, served_names={"tiny": "exo/tiny"})
-    asyncio.run(backend.load())
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")

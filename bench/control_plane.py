@@ -174,8 +174,7 @@ def run_writes(args: argparse.Namespace) -> None:
     for label, rate, p50, p99 in rows:
         print(f"{label:<14} {rate:>10.0f} {p50:>8.2f} {p99:>8.2f}")
     print(f"leader failover after kill -9 (write accepted by a survivor), {args.trials} trials:")
-    print(f"  median {statistics.median(failovers):.2f} s, max {max(failovers):.2f} s, "
-          f"all {' '.join(f'{f:.2f}' for f in failovers)}")
+    print(f"  {summary(failovers)}")
     print("targets: p50 apply <= 5 ms, failover median <= 2 s")
 
 

@@ -2,12 +2,11 @@
 inference on the tiny model: greedy output equals mlx_lm's own, streamed or not."""
 from __future__ import annotations
 
-
 import openai
 import pytest
 
-from tests.inference.inference_helpers import TOKEN, serve
 from reconciler.metrics import NodeMetrics
+from tests.inference.inference_helpers import TOKEN, serve
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]
 MAX_TOKENS = 10

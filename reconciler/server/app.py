@@ -83,14 +83,27 @@ async def _status_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return status_response(500, message)
 
 
+@web.middleware
+async def _fresh_reads(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A node without quorum, or whose replica lags the leader, refuses resource reads (they
+    could be stale) instead of serving a frozen replica with 200."""
+    if request.method in ("GET", "HEAD") and (request.path == "/apis" or request.path.startswith("/apis/")):
+        reason = request.config_dict[STORE].unready_reason()
+        if reason is not None:
+            raise ApiError(503, f"this node cannot serve reads now, they could be stale: {reason}; retry, or ask "
+                           f"another node", headers={"Retry-After": "1"})
+    return await handler(request)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.config_dict[STORE].has_quorum:
+    reason = request.config_dict[STORE].unready_reason()
+    if reason is None:
         return web.Response(text="ok")
-    return web.Response(status=503, text="not ready: this node's store has no quorum")
+    return web.Response(status=503, text=f"not ready: {reason}")
 
 
 async def _end_watches(app: web.Application) -> None:
@@ -101,7 +114,7 @@ def create_app(*, store: Store, token: str, node_name: str, watch_disconnect_che
     """The node's API app; the Store and node info are reachable through ``STORE`` and ``NODE``."""
     if not token:
         raise ValueError("an API token is required")
-    app = web.Application(middlewares=[_status_errors, _auth_middleware(token)])
+    app = web.Application(middlewares=[_status_errors, _auth_middleware(token), _fresh_reads])
     app[STORE] = store
     app[NODE] = NodeInfo(name=node_name)
     app[WATCHES] = Watches(disconnect_check_s=watch_disconnect_check_s)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from exo_ctl.api.resources import API_VERSION
 from exo_ctl.api.status import status_object
 from reconciler.server.errors import ApiError
 from reconciler.server.keys import Watches
@@ -24,6 +25,7 @@ from reconciler.store.state import Event, Key, StoreState
 
 log = logging.getLogger(__name__)
 WATCH_CONTENT_TYPE = "application/json;stream=watch"
+BOOKMARK_INTERVAL_S = 10.0  # with ?allowWatchBookmarks=true, a quiet watch gets a fresh resourceVersion this often
 
 
 class WatchFilter:
@@ -67,7 +69,7 @@ def matching_at(state: StoreState, revision: int, view: WatchFilter) -> set[Key]
     """Keys whose object matched the selector at ``revision``, as far as the kept history tells:
     objects untouched since then as they are now, the others from their last event up to it."""
     matched: dict[Key, bool] = {}
-    for event in state.history:
+    for event in state.history_for(view.kind):
         if event.revision > revision:
             break
         if view.in_scope(event.object):
@@ -81,6 +83,13 @@ def matching_at(state: StoreState, revision: int, view: WatchFilter) -> set[Key]
 
 def _line(event_type: str, obj: Mapping[str, Any]) -> bytes:
     return (json.dumps({"type": event_type, "object": obj}, separators=(",", ":")) + "\n").encode()
+
+
+def bookmark_revision(state: StoreState, kind: str, delivered: int) -> int:
+    """The newest revision a watcher of ``kind`` that has everything up to ``delivered`` may resume
+    from: just before the next event of its kind it has not received yet, else the current one."""
+    pending = state.events_after(delivered, kind)
+    return pending[0].revision - 1 if pending else state.revision
 
 
 def _disconnected(request: web.Request) -> bool:
@@ -104,8 +113,8 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
     """Stream events until the client leaves, ``timeout_s`` passes, the app shuts down, or the
     watcher falls behind compacted history (a final ERROR event with a 410 Status)."""
     state = store.state
-    if since is not None and since < state.compacted_revision:
-        raise ApiError(410, f"too old resource version: {since} ({state.compacted_revision}); list again and watch from its resourceVersion")
+    if since is not None and since < (compacted := state.compacted_revision_for(kind)):
+        raise ApiError(410, f"too old resource version: {since} ({compacted}); list again and watch from its resourceVersion")
     initial: list[tuple[str, Mapping[str, Any]]] = []
     view = WatchFilter(kind=kind, namespace=namespace, selector=selector, matching=set())
     if since is None:
@@ -123,10 +132,12 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
     await response.prepare(request)
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
-    events = store.watch(position)
+    events = store.watch(position, kind)
     next_event: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
     closed = asyncio.ensure_future(watches.closing.wait())
     watches.open_count += 1
+    bookmarks = request.query.get("allowWatchBookmarks", "").lower() in ("1", "true")
+    next_bookmark, delivered = loop.time() + BOOKMARK_INTERVAL_S, position
     try:
         for event_type, obj in initial:
             await response.write(_line(event_type, obj))
@@ -141,11 +152,22 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
                     await response.write(_line("ERROR", status_object(410, f"{error}; list again and watch from its resourceVersion")))
                     break
                 next_event = asyncio.ensure_future(anext(events))
+                delivered = event.revision
                 if (event_type := view.translate(event.type, event.object)) is not None:
                     await response.write(_line(event_type, event.object))
                 continue
             if closed in done or _disconnected(request) or (deadline is not None and loop.time() >= deadline):
                 break
+            if (reason := store.unready_reason()) is not None:  # a frozen replica must not look quiet
+                await response.write(_line("ERROR", status_object(503, f"this node's replica may be stale: {reason}; "
+                                                                       "watch through another node")))
+                break
+            if bookmarks and loop.time() >= next_bookmark:
+                next_bookmark = loop.time() + BOOKMARK_INTERVAL_S
+                if (mark := bookmark_revision(store.state, kind, delivered)) > delivered:
+                    delivered = mark
+                    await response.write(_line("BOOKMARK", {"kind": kind, "apiVersion": API_VERSION,
+                                                            "metadata": {"resourceVersion": str(mark)}}))
         await response.write_eof()
     except ConnectionError:
         log.debug("watch client went away")

@@ -158,8 +158,9 @@ async def commit(store: Store, command: dict[str, Any], *, target: Target, dry_r
         raise ApiError(error.code, error.message, reason=error.reason, kind=target.info.kind, name=target.name) from None
     except StoreUnavailable as error:
         if not store.has_quorum:
-            raise ApiError(503, f"the cluster has no quorum, so nothing can be written now ({error}); retry later",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(503, f"the cluster has no quorum, so nothing can be written now ({error}); retry later "
+                           f"with the same X-Exo-Op-Id ({command['opId']})",
+                           headers={"Retry-After": str(RETRY_AFTER_S), "X-Exo-Op-Id": command["opId"]}) from None
         raise ApiError(504, f"the write was not confirmed in time ({error}); its outcome is unknown: retry with "
                        f"the same X-Exo-Op-Id ({command['opId']}) to apply it at most once",
                        headers={"X-Exo-Op-Id": command["opId"]}) from None

@@ -81,15 +81,16 @@ class Store(ABC):
         items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
         return items, state.revision
 
-    async def watch(self, since: int) -> AsyncIterator[Event]:
-        """Every committed event after revision ``since``, in order, forever. Raises Gone when
-        ``since`` is older than the kept history (also later, if the watcher falls that far behind)."""
+    async def watch(self, since: int, kind: str | None = None) -> AsyncIterator[Event]:
+        """Every committed event (of ``kind``, None: of all) after revision ``since``, in order,
+        forever. Raises Gone when ``since`` is older than the kept history of that kind (also
+        later, if the watcher falls that far behind)."""
         position = since
         while True:
             state = self._state
-            if position < state.compacted_revision:
-                raise Gone(f"too old resource version: {position} ({state.compacted_revision})")
-            events = state.events_after(position)
+            if position < (compacted := state.compacted_revision_for(kind)):
+                raise Gone(f"too old resource version: {position} ({compacted})")
+            events = state.events_after(position, kind)
             if not events:
                 await self.changed()
                 continue
@@ -143,6 +144,10 @@ class Store(ABC):
     @property
     @abstractmethod
     def has_quorum(self) -> bool: ...
+
+    def unready_reason(self) -> str | None:
+        """Why this node must not serve reads or say it is ready now; None when it may."""
+        return None if self.has_quorum else "no quorum: this node's store sees no leader with a majority"
 
     def cluster_status(self) -> dict[str, Any]:
         return {"leader": self.is_leader, "quorum": self.has_quorum, "revision": self.revision}

@@ -4,6 +4,13 @@ PySyncObj runs in its own thread (autoTick). Everything it learns reaches asynci
 ``loop.call_soon_threadsafe``: committed states (``Store._publish``), the result of each command
 this node submitted, and a snapshot of the cluster view (leader, quorum, members) taken on every
 tick, so the event loop never reads PySyncObj's internals while its thread mutates them.
+
+Quorum is judged from contact, not from open connections: a leader has it while a majority
+answered within ``quorum_contact_timeout``, a follower while its leader spoke that recently. A
+node without it, or whose applied index lags the leader's commit index for more than
+``max_apply_lag_s``, is unready (``unready_reason``): the API refuses its reads and /readyz is
+503. ``PatchedSyncObj`` (raft_fixes.py) fixes PySyncObj 0.3.17's catch-up livelock; snapshots
+are versioned JSON (snapshot.py) written without forking.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +27,8 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
 from reconciler.store.base import Store, StoreUnavailable
+from reconciler.store.raft_fixes import PatchedSyncObj
+from reconciler.store.snapshot import state_from_snapshot, state_to_snapshot
 from reconciler.store.state import StoreState, apply
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,10 @@ class RaftSettings:
     raft_min_timeout: float = 0.4
     raft_max_timeout: float = 1.4
     leader_fallback_timeout: float = 3.0  # an isolated leader steps down after this long
+    # Quorum means: a leader heard from a majority (a follower: from its leader) this recently.
+    quorum_contact_timeout: float = 2.0
+    # A replica that has not applied what the leader had committed this long ago is stale.
+    max_apply_lag_s: float = 2.0
 
     def conf(self, *, on_ready: Callable[[], None] | None = None) -> SyncObjConf:
         if not self.secret:
@@ -49,6 +63,7 @@ class RaftSettings:
         return SyncObjConf(
             password=self.secret,
             appendEntriesUseBatch=False,       # batching makes every write wait ~100 ms
+            useFork=False,                     # never fork a node holding a model to compact the log
             dynamicMembershipChange=True,
             journalFile=str(self.data_dir / JOURNAL_FILE),
             fullDumpFile=str(self.data_dir / DUMP_FILE),
@@ -72,10 +87,11 @@ class ClusterView:
     quorum: bool = False
     members: tuple[str, ...] = ()
     term: int = 0
+    in_sync: bool = True  # applied what the leader had committed max_apply_lag_s ago
 
     def to_json(self) -> dict[str, Any]:
         return {"raftAddress": self.self_address, "leaderAddress": self.leader, "isLeader": self.is_leader,
-                "quorum": self.quorum, "members": list(self.members), "term": self.term}
+                "quorum": self.quorum, "members": list(self.members), "term": self.term, "inSync": self.in_sync}
 
 
 def load_members(data_dir: Path) -> tuple[str, ...] | None:
@@ -124,12 +140,11 @@ class _StateMachine(SyncObjConsumer):
         directory[info["raftAddress"]] = {k: str(v) for k, v in info.items() if k != "raftAddress"}
         self.directory = directory
 
-    def _serialize(self) -> dict[str, Any]:
-        return {"state": self.state, "directory": self.directory}
+    def _serialize(self) -> str:
+        return state_to_snapshot(self.state, self.directory)
 
-    def _deserialize(self, data: Mapping[str, Any]) -> None:
-        self.state = data["state"]
-        self.directory = dict(data.get("directory", {}))
+    def _deserialize(self, data: str | Mapping[str, Any]) -> None:
+        self.state, self.directory = state_from_snapshot(data)
         self._on_change(self.state)
 
 
@@ -145,12 +160,14 @@ class RaftStore(Store):
         self._view = ClusterView(self_address=settings.self_address)
         self._view_listeners: list[Callable[[ClusterView], None]] = []
         self._saved_members: tuple[str, ...] = ()
-        self._progress = (0, 0)  # (commit index, last applied), sampled on the raft thread
+        self._progress = (0, 0, 0)  # (commit index, last applied, leader's commit index), raft thread
+        self._catch_up: tuple[float, int] | None = None  # (since, leader commit index to reach)
         self._closed = False
+        self._in_flight: set[asyncio.Future[Any]] = set()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._machine = _StateMachine(self._on_committed_state)
-        self._sync = SyncObj(settings.self_address, list(settings.partners),
-                             conf=settings.conf(), consumers=[self._machine])
+        self._sync = PatchedSyncObj(settings.self_address, list(settings.partners),
+                                    conf=settings.conf(), consumers=[self._machine])
         self._sync.addOnTickCallback(self._on_tick)
         try:
             self._sync.waitBinded()
@@ -169,23 +186,47 @@ class RaftStore(Store):
         others = [n.address for n in self._sync.otherNodes]
         return tuple(sorted([self._settings.self_address, *others]))
 
+    def _heard_from_majority(self, now: float) -> bool:
+        sync, fresh = self._sync, self._settings.quorum_contact_timeout
+        if sync._isLeader():
+            responses = sync._SyncObj__lastResponseTime
+            others = sync.otherNodes
+            heard = 1 + sum(1 for node in others if responses.get(node, 0.0) > now - fresh)
+            return heard > (len(others) + 1) / 2
+        return sync._getLeader() is not None and now - sync.leader_contact_at <= fresh
+
+    def _in_sync(self, now: float, applied: int, leader_commit: int) -> bool:
+        """False once a leader commit index seen ``max_apply_lag_s`` ago is still not applied."""
+        if applied >= leader_commit:
+            self._catch_up = None
+        elif self._catch_up is None or applied >= self._catch_up[1]:
+            self._catch_up = (now, leader_commit)
+        return self._catch_up is None or now - self._catch_up[0] <= self._settings.max_apply_lag_s
+
     def _on_tick(self) -> None:
         sync = self._sync
         leader = sync._getLeader()
+        now = time.monotonic()
+        applied, leader_commit = sync.raftLastApplied, sync._SyncObj__leaderCommitIndex or 0
         view = ClusterView(
             self_address=self._settings.self_address,
             leader=leader.address if leader is not None else None,
             is_leader=sync._isLeader(),
-            quorum=sync.hasQuorum and leader is not None,
+            quorum=self._heard_from_majority(now),
             members=self._current_members(),
             term=sync.raftCurrentTerm,
+            in_sync=self._in_sync(now, applied, leader_commit),
         )
-        self._progress = (sync.raftCommitIndex, sync.raftLastApplied)
+        self._progress = (sync.raftCommitIndex, applied, leader_commit)
         if view != self._view and not self._closed:
             self._view = view  # a single reference swap: readers on the loop see old or new
             self._loop.call_soon_threadsafe(self._view_changed, view)
 
     def _view_changed(self, view: ClusterView) -> None:
+        if not view.quorum:  # answer now rather than at the commit timeout
+            for future in [f for f in self._in_flight if not f.done()]:
+                future.set_exception(StoreUnavailable("this node lost quorum while the change was committing; "
+                                                      "outcome unknown"))
         if self._admitted and view.members != self._saved_members:
             self._save_members(view.members)
         for callback in list(self._view_listeners):
@@ -218,6 +259,8 @@ class RaftStore(Store):
         if self._closed:
             raise StoreUnavailable("the store is closed")
         method(*args, callback=callback)
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
         return future
 
     async def _await(self, future: asyncio.Future[Any], *, timeout: float, what: str) -> Any:
@@ -266,6 +309,16 @@ class RaftStore(Store):
     def has_quorum(self) -> bool:
         return self._view.quorum
 
+    def unready_reason(self) -> str | None:
+        view, (_, applied, leader_commit) = self._view, self._progress
+        if not view.quorum:
+            return (f"no quorum: this node has not heard from a leader with a majority within "
+                    f"{self._settings.quorum_contact_timeout:g}s")
+        if not view.in_sync:
+            return (f"this replica is behind: applied index {applied}, the leader's commit index {leader_commit}, "
+                    f"lagging for more than {self._settings.max_apply_lag_s:g}s")
+        return None
+
     @property
     def leader_address(self) -> str | None:
         return self._view.leader
@@ -287,9 +340,9 @@ class RaftStore(Store):
         return lambda: self._view_listeners.remove(callback) if callback in self._view_listeners else None
 
     def cluster_status(self) -> dict[str, Any]:
-        commit_index, last_applied = self._progress
+        commit_index, last_applied, leader_commit = self._progress
         return {**super().cluster_status(), **self._view.to_json(),
-                "commitIndex": commit_index, "lastApplied": last_applied}
+                "commitIndex": commit_index, "lastApplied": last_applied, "leaderCommitIndex": leader_commit}
 
     async def close(self) -> None:
         if self._closed:

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-HISTORY_LIMIT = 4096      # watch events kept; older resourceVersions answer 410 Gone
+HISTORY_LIMIT = 4096      # watch events kept per ring; older resourceVersions answer 410 Gone
+LEASE_KIND = "Lease"      # lease renewals get a ring of their own, so they never evict other kinds' events
 OP_RESULT_LIMIT = 4096    # op ids remembered so a retried command applies once
 LAST_APPLIED = "exo.dev/last-applied-configuration"
 
@@ -33,25 +34,42 @@ class StoreState:
     # Plain dicts (picklable for PySyncObj's dumps) that ``apply`` never mutates: it copies.
     revision: int = 0
     objects: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
-    history: tuple[Event, ...] = ()
+    history: tuple[Event, ...] = ()          # events of every kind but leases
+    lease_history: tuple[Event, ...] = ()    # events of leases
     op_results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     op_order: tuple[str, ...] = ()
 
+    def history_for(self, kind: str | None = None) -> tuple[Event, ...]:
+        """The kept events a watcher of ``kind`` (None: of every kind) sees, ordered by revision."""
+        if kind == LEASE_KIND:
+            return self.lease_history
+        if kind is not None or not self.lease_history:
+            return self.history
+        return tuple(sorted(self.history + self.lease_history, key=lambda e: e.revision))
+
+    def compacted_revision_for(self, kind: str | None = None) -> int:
+        """Watches of ``kind`` (None: of every kind) must start at or after this revision; older ones are Gone."""
+        rings = [self.lease_history] if kind == LEASE_KIND else [self.history]
+        if kind is None:
+            rings.append(self.lease_history)
+        return max((ring[0].revision - 1 for ring in rings if len(ring) >= HISTORY_LIMIT), default=0)
+
     @property
     def compacted_revision(self) -> int:
-        """Watches must start at or after this revision; older ones are Gone."""
-        if len(self.history) < HISTORY_LIMIT:
-            return 0
-        return self.history[0].revision - 1
+        return self.compacted_revision_for(None)
 
-    def events_after(self, revision: int) -> list[Event]:
-        # History is ordered by revision; scan from the end since watchers are usually current.
+    def events_after(self, revision: int, kind: str | None = None) -> list[Event]:
+        # Rings are ordered by revision; scan from the end since watchers are usually current.
+        rings = [self.lease_history] if kind == LEASE_KIND else [self.history]
+        if kind is None:
+            rings.append(self.lease_history)
         out: list[Event] = []
-        for event in reversed(self.history):
-            if event.revision <= revision:
-                break
-            out.append(event)
-        out.reverse()
+        for ring in rings:
+            for event in reversed(ring):
+                if event.revision <= revision:
+                    break
+                out.append(event)
+        out.sort(key=lambda e: e.revision)
         return out
 
 
@@ -146,8 +164,7 @@ def _decide(objects: Mapping[Key, Mapping[str, Any]], key: Key, command: Mapping
         if (failure := _check_precondition(command, live)) is not None:
             return failure, None, None
         live_meta = live["metadata"]
-        previous = json.loads(live_meta.get("annotations", {}).get(LAST_APPLIED, "{}"))
-        prev_meta = previous.get("metadata", {})
+        prev_meta = _last_applied(live_meta)["metadata"]
         new_meta = body.get("metadata", {})
         meta = dict(live_meta)
         meta["labels"] = _merge_map(live_meta.get("labels", {}), prev_meta.get("labels", {}), new_meta.get("labels", {}))
@@ -190,14 +207,54 @@ def _decide(objects: Mapping[Key, Mapping[str, Any]], key: Key, command: Mapping
     return fail(400, "BadRequest", f"unknown operation {op!r}"), None, None
 
 
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _malformed(command: Any) -> str | None:
+    """What makes a command unusable (every replica refuses it alike), or None."""
+    if not isinstance(command, Mapping):
+        return f"a command must be an object, got {type(command).__name__}"
+    if command.get("op") not in OPS:
+        return f"unknown operation {command.get('op')!r}"
+    for field, optional in (("kind", False), ("name", False), ("namespace", True), ("opId", True),
+                            ("expectedUid", True), ("expectedResourceVersion", True)):
+        value = command.get(field)
+        if not (isinstance(value, str) and (value or optional)) and not (optional and value is None):
+            return f"{field}: must be a {'string' if optional else 'non-empty string'}, got {value!r}"
+    for field in ("now", "uid") if command["op"] in ("create", "apply", "delete") else ():
+        if not isinstance(command.get(field), str):
+            return f"{field}: must be a string, got {command.get(field)!r}"
+    body = command.get("object")
+    if body is None:
+        return "object: required" if command["op"] in ("create", "replace", "apply") else None
+    if not isinstance(body, Mapping) or not isinstance(body.get("metadata", {}), Mapping):
+        return "object: must be an object whose metadata is an object"
+    meta = body.get("metadata", {})
+    if not all(_is_str_map(meta.get(field, {})) for field in ("labels", "annotations")):
+        return "object.metadata: labels and annotations must map strings to strings"
+    return None
+
+
+def _last_applied(live_meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The labels and annotations an earlier apply recorded (none when absent or corrupt)."""
+    try:
+        previous = json.loads(live_meta.get("annotations", {}).get(LAST_APPLIED, "{}"))
+    except ValueError:
+        return {"metadata": {}}
+    meta = previous.get("metadata") if isinstance(previous, dict) else None
+    return {"metadata": {k: v for k, v in meta.items() if k in ("labels", "annotations") and _is_str_map(v)}
+            if isinstance(meta, dict) else {}}
+
+
 def apply(state: StoreState, command: Mapping[str, Any]) -> tuple[StoreState, dict[str, Any]]:
     """Fold one committed command into the state. Pure: the same inputs give the same outputs on
-    every replica, and the input state is never modified."""
+    every replica, and the input state is never modified. A malformed command changes nothing."""
+    if (problem := _malformed(command)) is not None:
+        return state, {**fail(400, "BadRequest", f"malformed command: {problem}"), "revision": state.revision}
     op_id = command.get("opId")
     if op_id and op_id in state.op_results:
         return state, dict(state.op_results[op_id])
-    if command.get("op") not in OPS:
-        return state, fail(400, "BadRequest", f"unknown operation {command.get('op')!r}")
     key: Key = (command["kind"], command.get("namespace") or "", command["name"])
     result, obj, event_type = _decide(state.objects, key, command)
     if obj is None:
@@ -210,11 +267,12 @@ def apply(state: StoreState, command: Mapping[str, Any]) -> tuple[StoreState, di
         del objects[key]
     else:
         objects[key] = obj
-    history = state.history + (Event(event_type, revision, obj),)
+    ring = "lease_history" if key[0] == LEASE_KIND else "history"
+    history = getattr(state, ring) + (Event(event_type, revision, obj),)
     if len(history) > HISTORY_LIMIT:
         history = history[-HISTORY_LIMIT:]
     result = {**result, "object": obj, "revision": revision}
-    new_state = replace(state, revision=revision, objects=objects, history=history)
+    new_state = replace(state, revision=revision, objects=objects, **{ring: history})
     return _remember(new_state, op_id, result), result
 
 

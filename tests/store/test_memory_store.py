@@ -52,3 +52,18 @@ async def test_write_without_quorum_is_unavailable():
     store = MemoryStore(quorum=False)
     with pytest.raises(StoreUnavailable):
         await store.submit(make_command("create", KEY, body=BODY))
+
+
+async def test_a_watch_of_one_kind_from_an_old_revision_survives_many_lease_renewals(monkeypatch):
+    monkeypatch.setattr(st, "HISTORY_LIMIT", 2)
+    store = MemoryStore()
+    await store.submit(make_command("create", KEY, body=BODY))
+    for n in range(5):
+        await store.submit(make_command("apply", ("Lease", "", "n"), body={
+            "kind": "Lease", "metadata": {"name": "n"}, "spec": {"renewals": n}}))
+    await store.submit(make_command("delete", KEY))
+    events = store.watch(0, "ModelDeployment")
+    assert [(e.type, e.revision) for e in [await anext(events), await anext(events)]] == [("ADDED", 1), ("DELETED", 7)]
+    await events.aclose()
+    with pytest.raises(Gone):
+        await anext(store.watch(0, "Lease"))

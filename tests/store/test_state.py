@@ -120,3 +120,22 @@ def test_history_is_bounded_and_old_revisions_are_compacted(monkeypatch):
     assert len(state.history) == 3
     assert state.compacted_revision == 2
     assert [e.revision for e in state.events_after(2)] == [3, 4, 5]
+
+
+def lease(renewals):
+    return make_command("apply", ("Lease", "", "node-a"), body={
+        "apiVersion": "coordination.exo.dev/v1", "kind": "Lease", "metadata": {"name": "node-a"},
+        "spec": {"holderIdentity": "a", "renewals": renewals}})
+
+
+def test_lease_renewals_keep_their_own_history_and_never_compact_other_kinds(monkeypatch):
+    monkeypatch.setattr(st, "HISTORY_LIMIT", 3)
+    state, _ = run(StoreState(), "create", manifest())
+    for renewals in range(10):
+        state, _ = apply(state, lease(renewals))
+    assert state.compacted_revision_for("ModelDeployment") == 0
+    assert [e.revision for e in state.events_after(0, "ModelDeployment")] == [1]
+    assert state.compacted_revision_for("Lease") == 8
+    assert [e.revision for e in state.events_after(8, "Lease")] == [9, 10, 11]
+    assert state.compacted_revision == 8  # a watcher of every kind needs both rings
+    assert [e.revision for e in state.events_after(0)] == [1, 9, 10, 11]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -160,17 +161,7 @@ def _read_stamp(path: Path) -> dict | None:
 # --- writing -----------------------------------------------------------------------------------
 
 def _write_model(out: Path, *, recipe: ModelRecipe, stamp: dict) -> None:
-    tokenizer = _train_tokenizer(recipe.vocab_size)
-    tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOT, "pad_token": PAD,
-        "add_bos_token": True, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": recipe.max_position_embeddings,
-        "chat_template": CHAT_TEMPLATE,
-    })
-    _write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOT, "pad_token": PAD})
+    write_tokenizer(out, vocab_size=recipe.vocab_size, max_length=recipe.max_position_embeddings)
     ids = {token: SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS}
     _write_json(out / "config.json", {
         "architectures": ["LlamaForCausalLM"],
@@ -197,6 +188,25 @@ def _write_model(out: Path, *, recipe: ModelRecipe, stamp: dict) -> None:
     _write_json(out / "generation_config.json", {"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[EOT]]})
     _write_safetensors(out / "model.safetensors", _init_weights(recipe), shapes=recipe.tensor_shapes())
     _write_json(out / STAMP_FILE, stamp)
+
+
+def write_tokenizer(out: Path, *, vocab_size: int, max_length: int) -> None:
+    """The local byte-level BPE tokenizer (at most ``vocab_size`` tokens) and its config files."""
+    Path(out, "tokenizer.json").write_text(_trained_tokenizer_json(vocab_size))
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOT, "pad_token": PAD,
+        "add_bos_token": True, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    _write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOT, "pad_token": PAD})
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    return _train_tokenizer(vocab_size).to_str()
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -26,12 +26,28 @@ class WaitFor:
         return self.condition is None
 
     def met(self, obj: dict[str, Any] | None) -> bool:
+        """Whether the wait is over; raises ``Stalled`` when the object says it will not get there."""
         if self.is_delete:
             return obj is None
-        return obj is not None and condition_met(obj, self.condition or "", self.status)
+        if obj is None:
+            return False
+        if condition_met(obj, self.condition or "", self.status):
+            return True
+        if self.condition != "Stalled" and condition_met(obj, "Stalled", "True"):
+            found = printers.condition(obj, "Stalled") or {}
+            raise Stalled(str(found.get("reason") or "Stalled"), str(found.get("message") or ""))
+        return False
 
     def describe(self) -> str:
         return "deleted" if self.is_delete else "condition met"
+
+
+class Stalled(Exception):
+    """The object reports Stalled=True (kstatus): it will not reach the condition without a change."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason, self.message = reason, message
 
 
 def condition_met(obj: dict[str, Any], kind: str, status: str) -> bool:
@@ -111,8 +127,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     deadline = ctx.monotonic() + timeout
     for info, name in targets:
         assert name is not None
-        met = wait_for_object(ctx, info, name, namespace=info.namespaced and ctx.namespace or None,
-                              done=wanted.met, deadline=deadline, require_exists=not wanted.is_delete)
+        try:
+            met = wait_for_object(ctx, info, name, namespace=info.namespaced and ctx.namespace or None,
+                                  done=wanted.met, deadline=deadline, require_exists=not wanted.is_delete)
+        except Stalled as stalled:
+            raise CliError(f"{info.plural}/{name} is Stalled and will not become {wanted.condition}={wanted.status}: "
+                           f"{stalled}") from None
         if not met:
             raise CliError(f"timed out waiting for the condition on {info.plural}/{name}")
         ctx.out(f"{info.ref(name)} {wanted.describe()}")

@@ -2,8 +2,8 @@
 node's stage server, reports their phase, and unloads the ones that are no longer its own.
 
 Weights are read on each shard's own MLX compute thread, layer by layer with progress; the event
-loop only schedules and writes status. A shard is reloaded only when what it holds changes (model
-or layer range), not when unrelated fields of its spec do.
+loop only schedules and writes status. A shard is reloaded only when what it holds changes (model,
+dtype or layer range), not when unrelated fields of its spec do.
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ from reconciler.store.base import Store, StoreError, StoreUnavailable, make_comm
 log = logging.getLogger(__name__)
 PROGRESS_STEP = 0.25   # report Loading progress in steps this big (each report is a Raft write)
 
-LoadKey = tuple[str, str | None, int, int]  # source, revision, start, end
+LoadKey = tuple[str, str | None, int, int, str | None]  # source, revision, start, end, dtype
 Loader = Callable[..., Awaitable[ShardModel]]
 
 
 def load_key(shard: dict[str, Any]) -> LoadKey:
     spec = shard["spec"]
-    return (spec["model"]["source"], spec["model"].get("revision"), spec["layers"]["start"], spec["layers"]["end"])
+    return (spec["model"]["source"], spec["model"].get("revision"), spec["layers"]["start"], spec["layers"]["end"],
+            spec["model"].get("dtype"))
 
 
 @dataclass
@@ -98,7 +99,7 @@ class ShardAgent(Controller):
             await self._report(shard, phase="Loading", progress=0.0)
             path = await asyncio.to_thread(self.resolve_path, key[0], revision=key[1])
             log.info("loading shard %s: layers %d-%d of %s", name, key[2], key[3] - 1, path)
-            model = await self.loader(path, start=key[2], end=key[3], progress=on_progress)
+            model = await self.loader(path, start=key[2], end=key[3], progress=on_progress, dtype=key[4])
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 — MLX reports unreadable weights as RuntimeError

@@ -161,4 +161,9 @@ def _from_directory(path: Path, *, dtype: str | None, name: str) -> ModelProfile
     profile = profile_from_directory(path, name=name)
     if dtype is None or dtype == profile.dtype:
         return profile
+    if profile.quantization_bits:  # the loader quantizes float files, never re-quantizes or dequantizes
+        raise ModelMetadataError(
+            f"spec.model.dtype: {dtype} cannot be honoured: {name} is quantized ({profile.dtype}); "
+            f"deploy it with dtype {profile.dtype} or none"
+        )
     return profile_from_config(read_config(path), dtype=dtype, name=name)

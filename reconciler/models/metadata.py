@@ -22,6 +22,8 @@ DEFAULT_GROUP_SIZE = 64
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "half": "float16", "float": "float32"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_NOT_LOADED = ("vision_tower.", "multi_modal_projector.")  # mlx-lm drops these from gemma3 checkpoints
+_LM_HEAD = re.compile(r"(?:^|\.)lm_head\.")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -76,11 +78,11 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
     text = _text_config(config)
     num_layers = _int_field(text, "num_hidden_layers", path / "config.json")
     layer_bytes = [0] * num_layers
-    embedding = head = 0
+    embedding = head = lm_head = 0
     float_bytes: dict[str, int] = {}
     for file in safetensors_files(path):
         for tensor, info in read_safetensors_header(file).items():
-            if tensor == "__metadata__":
+            if tensor == "__metadata__" or tensor.startswith(_NOT_LOADED):
                 continue
             try:
                 begin, end = info["data_offsets"]
@@ -98,10 +100,17 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
                 layer_bytes[index] += size
             elif "embed_tokens" in tensor:
                 embedding += size
-            else:  # final norm, lm_head, anything outside the layer stack
+            elif _LM_HEAD.search(tensor):
+                lm_head += size
+            else:  # final norm, anything else outside the layer stack
                 head += size
     if missing := [i for i, size in enumerate(layer_bytes) if size == 0]:
         raise ModelMetadataError(f"{path}: no weights found for layer(s) {_ranges(missing)} of {num_layers}")
+    # Tied the way mlx-lm decides: the config's flag where it has one, else no lm_head in the files
+    # (gemma3's configs carry no flag). A tied model's lm_head in the files is dropped at load.
+    flag = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    tied = bool(flag) if flag is not None else lm_head == 0
+    head += 0 if tied else lm_head
     quantization = config.get("quantization") or config.get("quantization_config") or {}
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
     if bits:
@@ -120,7 +129,7 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
         dtype=dtype,
         hidden_size=_int_field(text, "hidden_size", path / "config.json"),
         vocab_size=_int_field(text, "vocab_size", path / "config.json"),
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        tie_word_embeddings=tied,
         quantization_bits=int(bits) if bits else None,
         quantization_group_size=int(quantization.get("group_size", DEFAULT_GROUP_SIZE)) if bits else None,
     )

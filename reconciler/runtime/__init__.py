@@ -8,5 +8,7 @@ from reconciler.runtime.shard_model import (
     open_shard,
     parameter_bytes,
 )
+from reconciler.runtime.stage_split import UnsplittableModel, split_refusal
 
-__all__ = ["ComputeThread", "ShardLoadError", "ShardModel", "load_shard", "open_shard", "parameter_bytes"]
+__all__ = ["ComputeThread", "ShardLoadError", "ShardModel", "UnsplittableModel", "load_shard", "open_shard",
+           "parameter_bytes", "split_refusal"]

@@ -1,7 +1,8 @@
 """One stage's slice of a model: lazily loads layers [start, end) and runs them on its own thread.
 
-Only the layers this stage owns (plus embeddings on the first stage, norm + lm_head on the last)
-are ever evaluated, so the other layers' weights are never read from disk into memory.
+Only the layers this stage owns (plus embeddings on the first stage, norm + head on the last)
+are ever evaluated, so the other layers' weights are never read from disk into memory. The
+stage runs the family's own mlx-lm forward code (see ``stage_split``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from typing import Any, Callable, TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from reconciler.runtime.stage_split import (
+    Inlet,
+    StageLayout,
+    UnsplittableModel,
+    advance_skipped,
+    check_caches,
+    find_layout,
+    split_model,
+)
+from reconciler.runtime.weight_dtype import WeightDtypeError, apply_dtype
 
 T = TypeVar("T")
 
@@ -62,6 +74,8 @@ class ShardModel:
     num_layers: int
     nbytes: int
     compute: ComputeThread = field(repr=False)
+    layout: StageLayout = field(repr=False)
+    inlet: Inlet | None = field(default=None, repr=False)  # None on the first stage (it reads token ids)
 
     @property
     def is_first(self) -> bool:
@@ -73,30 +87,33 @@ class ShardModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config["hidden_size"])
+        text = self.config.get("text_config") or {}  # multimodal wrappers nest the language model
+        return int(text.get("hidden_size") or self.config["hidden_size"])
+
+    @property
+    def skipped(self) -> tuple[int, ...]:
+        """Indices of the layers other stages run (their caches only track positions)."""
+        return tuple(i for i in range(self.num_layers) if not self.start <= i < self.end)
 
     def make_cache(self) -> list[Any]:
-        """A fresh KV cache for this shard's layers (one entry per owned layer)."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        return make_prompt_cache(self.model)
+        """A fresh cache, the family's own: one entry per layer of the whole model."""
+        return _make_cache(self.model)
 
     def forward(self, x: mx.array, *, cache: list[Any]) -> mx.array:
         """Token ids (1, L) on the first stage or hidden states (1, L, D) otherwise, to hidden
         states (1, L, D), or logits (1, L, vocab) on the last stage. Lazy: the caller evaluates."""
-        from mlx_lm.models.base import create_attention_mask  # loaded with the model already
-
-        inner = self.model.model
-        h = inner.embed_tokens(x) if self.is_first else x
-        mask = create_attention_mask(h, cache[0] if cache else None)
-        for layer, layer_cache in zip(inner.layers, cache):
-            h = layer(h, mask, cache=layer_cache)
-        if not self.is_last:
-            return h
-        h = inner.norm(h)
-        if "lm_head" in self.model:
-            return self.model.lm_head(h)
-        return inner.embed_tokens.as_linear(h)
+        tokens = x
+        if self.inlet is not None:  # the family's code runs from placeholder ids to the inlet
+            self.inlet.put(x)
+            tokens = mx.zeros(x.shape[:2], dtype=mx.int32)
+        try:
+            run = self.model if self.is_last else _inner(self.model, self.layout)
+            out = run(tokens, cache=cache)
+        finally:
+            if self.inlet is not None:
+                self.inlet.put(None)
+        advance_skipped(cache, self.skipped, batch=x.shape[0], length=x.shape[1])
+        return out
 
     def close(self) -> None:
         """Stop the compute thread; the weights are freed when the last reference goes."""
@@ -129,46 +146,50 @@ def _check_range(*, start: int, end: int, num_layers: int, model_path: Path) -> 
         )
 
 
-def _slice_model(model: nn.Module, *, start: int, end: int, num_layers: int, model_path: Path) -> None:
-    """Drop every module this stage does not run, before anything is evaluated."""
-    inner = getattr(model, "model", None)
-    missing = [n for n in ("layers", "embed_tokens", "norm") if inner is None or n not in inner]
-    if missing:
-        raise ShardLoadError(
-            f"{model_path}: architecture {type(model).__module__} lacks model.{', model.'.join(missing)}; "
-            "only models shaped like mlx_lm's llama (embed_tokens, layers, norm, lm_head) can be sharded"
-        )
-    first, last = start == 0, end == num_layers
-    tied = "lm_head" not in model
-    inner.layers = inner.layers[start:end]
-    if not first and not (last and tied):
-        del inner.embed_tokens
-    if not last:
-        del inner.norm
-        if not tied:
-            del model.lm_head
+def _inner(model: nn.Module, layout: StageLayout) -> nn.Module:
+    """The module holding the layer list (``model.model`` for most families)."""
+    module = model
+    for name in layout.inner_path:
+        module = module[name]
+    return module
 
 
 Progress = Callable[[float, int], None]  # (fraction done, bytes loaded), called on the compute thread
 
 
 def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: ComputeThread,
-                         progress: Progress | None = None) -> ShardModel:
+                         progress: Progress | None = None, dtype: str | None = None) -> ShardModel:
     num_layers = _read_num_layers(model_path)
     _check_range(start=start, end=end, num_layers=num_layers, model_path=model_path)
     # mlx_lm is imported here, not at module level: the package takes seconds to import (it pulls
     # in transformers) and a node should not pay that before it holds any shard.
     from mlx_lm.utils import load_model
 
-    model, config = load_model(model_path, lazy=True)
-    _slice_model(model, start=start, end=end, num_layers=num_layers, model_path=model_path)
+    try:
+        model, config = load_model(model_path, lazy=True)
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as error:  # config fields or weight files
+        detail = f"{type(error).__name__}: {error}" if isinstance(error, (TypeError, KeyError)) else str(error)
+        raise ShardLoadError(f"{model_path}: mlx-lm cannot load this model: {detail}") from None
+    try:
+        layout = find_layout(model, num_layers=num_layers)
+        check_caches(_make_cache(model), family=type(model).__module__, num_layers=num_layers)
+    except UnsplittableModel as error:
+        raise ShardLoadError(f"{model_path}: {error}") from None
+    inlet = split_model(model, layout, start=start, end=end, num_layers=num_layers)
+    try:
+        config = apply_dtype(model, config, dtype=dtype, model_path=model_path)
+    except WeightDtypeError as error:
+        raise ShardLoadError(str(error)) from None
     total, done = max(parameter_bytes(model), 1), 0   # nbytes is known before evaluation
-    for layer in model.model.layers:  # read layer by layer so progress can be reported
-        mx.eval(layer.parameters())
-        done += parameter_bytes(layer)
-        if progress is not None:
-            progress(done / total, done)
-    mx.eval(model.parameters())
+    try:
+        for layer in _inner(model, layout).layers[start:end]:  # layer by layer so progress can be reported
+            mx.eval(layer.parameters())
+            done += parameter_bytes(layer)
+            if progress is not None:
+                progress(done / total, done)
+        mx.eval(model.parameters())
+    except RuntimeError as error:  # MLX reports unreadable weight data this way
+        raise ShardLoadError(f"{model_path}: reading the weights failed: {error}") from None
     if progress is not None:
         progress(1.0, total)
     return ShardModel(
@@ -179,26 +200,37 @@ def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: Com
         num_layers=num_layers,
         nbytes=parameter_bytes(model),
         compute=compute,
+        layout=layout,
+        inlet=inlet,
     )
 
 
-def load_shard(model_path: Path, *, start: int, end: int) -> ShardModel:
-    """Load layers [start, end) of the mlx-lm model in `model_path` onto a new compute thread."""
+def _make_cache(model: nn.Module) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def load_shard(model_path: Path, *, start: int, end: int, dtype: str | None = None) -> ShardModel:
+    """Load layers [start, end) of the mlx-lm model in `model_path` onto a new compute thread,
+    in ``dtype`` (spec.model.dtype) when given."""
     compute = ComputeThread(f"{Path(model_path).name}-{start}-{end}")
     try:
-        return compute.call(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute)
+        return compute.call(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute,
+                            dtype=dtype)
     except BaseException:
         compute.close()
         raise
 
 
-async def open_shard(model_path: Path, *, start: int, end: int, progress: Progress | None = None) -> ShardModel:
+async def open_shard(model_path: Path, *, start: int, end: int, progress: Progress | None = None,
+                     dtype: str | None = None) -> ShardModel:
     """`load_shard` for asyncio callers: the load runs on the shard's thread, not the loop.
     ``progress`` is called on that thread as layers are read."""
     compute = ComputeThread(f"{Path(model_path).name}-{start}-{end}")
     try:
         return await compute.run(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute,
-                                 progress=progress)
+                                 progress=progress, dtype=dtype)
     except BaseException:
         compute.close()
         raise

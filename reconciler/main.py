@@ -7,12 +7,17 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
 
 from reconciler.config import (DEFAULT_API_PORT, SECRET_ENV, ConfigError, DataDirLock, NodeConfig,
                                build_config)
 from reconciler.membership import JoinError
 
 log = logging.getLogger("exo")
+SHUTDOWN_DEADLINE_S = 4.5  # from the first SIGTERM/SIGINT to the end of the process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not use mDNS; join through --peers only")
     parser.add_argument("--interface", metavar="ADDR",
                         help="address to announce on with mDNS (default: the address the node serves on)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=8, metavar="N",
+                        help="inference requests generating at once on this entry node (default 8)")
+    parser.add_argument("--max-queued-requests", type=int, default=32, metavar="N",
+                        help="inference requests waiting for a slot; beyond, 429 with Retry-After (default 32)")
+    parser.add_argument("--request-idle-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds an inference request may make no progress before it fails (default 60)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -73,20 +84,40 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
         check_labels(labels)
     except ValueError as exc:
         raise ConfigError(f"--label: {exc}") from None
-    for flag, value in (("--node-timeout", args.node_timeout), ("--node-grace", args.node_grace)):
+    for flag, value in (("--node-timeout", args.node_timeout), ("--node-grace", args.node_grace),
+                        ("--request-idle-timeout", args.request_idle_timeout)):
         if value <= 0:
             raise ConfigError(f"{flag}: must be positive, got {value:g}")
+    if args.max_concurrent_requests < 1:
+        raise ConfigError(f"--max-concurrent-requests: must be at least 1, got {args.max_concurrent_requests}")
+    if args.max_queued_requests < 0:
+        raise ConfigError(f"--max-queued-requests: must be 0 or more, got {args.max_queued_requests}")
     return NodeOptions(memory=memory, labels=labels, node_timeout=args.node_timeout, node_grace=args.node_grace,
-                       discovery=not args.no_discovery, interface=args.interface)
+                       discovery=not args.no_discovery, interface=args.interface,
+                       max_concurrent_requests=args.max_concurrent_requests,
+                       max_queued_requests=args.max_queued_requests,
+                       request_idle_timeout=args.request_idle_timeout)
 
 
 async def serve(config: NodeConfig, options: "NodeOptions") -> None:
+    """Run the node until SIGTERM or SIGINT, then stop it: within SHUTDOWN_DEADLINE_S of the
+    first signal the process ends whatever hangs; a second signal ends it at once."""
     from reconciler.node import ExoNode
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            log.warning("%s again: exiting now, without finishing the shutdown", name)
+            exit_now(1)
+        log.info("%s: shutting down (exiting within %gs)", name, SHUTDOWN_DEADLINE_S)
+        stopping.set()
+        start_shutdown_watchdog(SHUTDOWN_DEADLINE_S)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     node = ExoNode(config, options)
     try:
         starting = asyncio.create_task(node.start(), name="exo-node-start")
@@ -97,14 +128,58 @@ async def serve(config: NodeConfig, options: "NodeOptions") -> None:
             await stop_wait
         else:
             starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+            _, pending = await asyncio.wait({starting}, timeout=1.0)
+            if pending:
+                log.warning("shutdown: start-up did not stop within 1s; stopping anyway")
         log.info("shutting down")
     finally:
         await node.stop()
 
 
+def exit_now(code: int) -> None:
+    """End the process at once (no interpreter teardown: see run())."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_shutdown_watchdog(deadline_s: float) -> None:
+    """End the process ``deadline_s`` from now if the shutdown has not finished by then: a stuck
+    part (a thread in a long MLX call or a download) must not keep a stopped node alive."""
+    def watch() -> None:
+        time.sleep(deadline_s)
+        busy = sorted(t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread())
+        log.error("shutdown not finished after %gs: exiting now (threads still running: %s)",
+                  deadline_s, ", ".join(busy) or "none")
+        exit_now(1)
+
+    threading.Thread(target=watch, name="exo-shutdown-watchdog", daemon=True).start()
+
+
+def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` without its unbounded wait for the default executor's threads at the end
+    (one in a download or a Raft join would hold a stopped node's exit)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        try:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.wait(leftovers, timeout=0.5))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()  # shuts the default executor down without waiting for its threads
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # until serve() handles it: like Ctrl-C
     # The Raft thread and the event loop hand the GIL back and forth on every commit; the default
     # 5 ms switch interval would add up to that much to each write.
     sys.setswitchinterval(0.0005)
@@ -122,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         options = node_options(args)
         if config.secret_generated:
             print_secret_hint(config)
-        asyncio.run(serve(config, options))
+        run_event_loop(serve(config, options))
     except (ConfigError, JoinError, OSError, ValueError) as exc:
         print(f"exo: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -139,11 +214,7 @@ def run() -> None:
     cleanly. MLX's per-thread state can abort the process while Python tears threads down at
     exit ("terminate called without an active exception"), which would turn a clean stop into
     exit code 134; everything worth flushing has been flushed by then."""
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class NodeMetrics:
             "exo_pipeline_hop_seconds", "Network time of one hidden-state hop between stages",
             buckets=HOP_BUCKETS, registry=r)
         self.inference_in_flight = Gauge("exo_inference_in_flight", "Inference requests in progress", ["model"], registry=r)
+        self.inference_queued = Gauge(
+            "exo_inference_queued", "Inference requests waiting for a generation slot on this entry node", registry=r)
+        self.inference_rejected = Counter(
+            "exo_inference_rejected", "Inference requests refused with 429 (slots and queue full)", registry=r)
 
     def observe_reconcile(self, controller: str, result: str, seconds: float) -> None:
         self.reconciles.labels(controller, result).inc()

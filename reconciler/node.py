@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,6 +32,8 @@ from reconciler.store.raft import RaftStore
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 60.0
+STOP_BUDGET_S = 3.5  # ExoNode.stop() as a whole (reconciler.main ends the process 4.5 s after SIGTERM)
+HTTP_SHUTDOWN_TIMEOUT_S = 1.0  # how long stop() lets HTTP handlers finish (aiohttp's default: 60 s)
 
 
 def exo_version() -> str:
@@ -54,6 +58,9 @@ class NodeOptions:
     node_grace: float = 600.0               # silence after which a node leaves Raft membership
     discovery: bool = True
     interface: str | None = None            # where mDNS announces (default: the advertised host)
+    request_idle_timeout: float = 60.0      # a request with no progress for this long fails
+    max_concurrent_requests: int = 8        # --max-concurrent-requests: generating at once on this entry node
+    max_queued_requests: int = 32           # --max-queued-requests: waiting for a slot; beyond: 429
 
 
 class ExoNode:
@@ -103,13 +110,17 @@ class ExoNode:
         from reconciler.server.datapath_status import add_datapath_routes
         from reconciler.server.metrics_routes import add_metrics_routes
         from reconciler.server.openai_api import add_openai_routes
+        from reconciler.server.openapi import add_openapi_route
 
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
-        add_openai_routes(app, backend=backend, metrics=self.metrics)
+        add_openai_routes(app, backend=backend, metrics=self.metrics,
+                          max_concurrent=self.options.max_concurrent_requests,
+                          max_queued=self.options.max_queued_requests)
         add_metrics_routes(app, metrics=self.metrics, token=self.config.secret)
         add_datapath_routes(app, stage_server=stage_server)
+        add_openapi_route(app)
         install_node_metrics(self.metrics, app=app, pipeline=backend.client, sources=StateSources(
             store=store, node_name=self.config.name, lease_ages=lambda: self.lifecycle.lease_ages if self.lifecycle else {},
             queue_depth=lambda: self._controllers.queue_depth() if self._controllers else 0))
@@ -128,9 +139,12 @@ class ExoNode:
             raise OSError(f"data port: cannot listen on {config.host}:{config.data_port} "
                           f"(--api-port + 2): {exc.strerror}") from None
 
-        self.backend = ClusterBackend(store=store, data_token=data_token)
+        self.backend = ClusterBackend(store=store, data_token=data_token,
+                                      idle_timeout_s=options.request_idle_timeout)
         app = self.build_http_app(store, stage_server=self.stage_server, backend=self.backend)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that disconnects cancels its handler (frees its generation)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
+                                     shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.api_port, reuse_address=True)
         try:
@@ -175,20 +189,58 @@ class ExoNode:
             delay = min(delay * 2, 2.0)
 
     async def stop(self) -> None:
+        """Stop within STOP_BUDGET_S whatever hangs. In-flight work fails first (this node's
+        clients get an error saying it is shutting down; requests through its stages fail at
+        their entry), then the API port closes, then the rest. Each step is bounded; one cut
+        short is logged and the next one runs."""
+        steps = _StopSteps(budget_s=STOP_BUDGET_S)
+        await steps.run("in-flight requests", self._fail_in_flight(), at_most_s=1.0)
+        if self._runner is not None:  # handlers have their errors by now; watch streams end here
+            await steps.run("HTTP server", self._runner.cleanup(), at_most_s=2 * HTTP_SHUTDOWN_TIMEOUT_S + 0.5)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await steps.run("background tasks", asyncio.gather(*self._tasks, return_exceptions=True), at_most_s=1.0)
         if self._controllers is not None:
-            await self._controllers.stop()
+            await steps.run("controllers", self._controllers.stop(), at_most_s=0.5)
         if self._registrar is not None:
-            await self._registrar.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.backend is not None:
-            await self.backend.close()
+            await steps.run("node registration", self._registrar.stop(), at_most_s=0.5)
         if self.shard_agent is not None:
-            await self.shard_agent.close()
-        if self.stage_server is not None:
-            await self.stage_server.stop()
+            await steps.run("shard unloads", self.shard_agent.close(), at_most_s=1.0)
         if self.store is not None:
-            await self.store.close()
+            await steps.run("Raft store", self.store.close(), at_most_s=1.0)
+        log.info("stopped in %.2fs", steps.elapsed())
+
+    async def _fail_in_flight(self) -> None:
+        parts = []
+        if self.backend is not None:
+            parts.append(self.backend.close())
+        if self.stage_server is not None:
+            parts.append(self.stage_server.stop())
+        await asyncio.gather(*parts)
+
+
+class _StopSteps:
+    """The steps of ExoNode.stop() within one time budget; a step cut short is logged, not raised."""
+
+    def __init__(self, *, budget_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._deadline = self._started + budget_s
+
+    def elapsed(self) -> float:
+        return self._clock() - self._started
+
+    async def run(self, step: str, work: Awaitable[Any], *, at_most_s: float) -> None:
+        timeout = max(0.05, min(at_most_s, self._deadline - self._clock()))
+        began = self._clock()
+        try:
+            await asyncio.wait_for(work, timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: %s cut short after %.2fs", step, timeout)
+            return
+        except Exception:  # noqa: BLE001 — one failing part must not keep the rest running
+            log.exception("shutdown: %s failed", step)
+            return
+        took = self._clock() - began
+        if took > timeout + 0.1:  # finished, but blocked the event loop past its bound
+            log.warning("shutdown: %s took %.2fs (bound %.2fs)", step, took, timeout)

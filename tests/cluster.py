@@ -49,6 +49,23 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
+def time_wait_ports(ports: range | set[int]) -> set[int]:
+    """Which of ``ports`` have local TCP connections in TIME-WAIT now (Linux: /proc/net/tcp*;
+    not psutil, whose inet_ntop pysyncobj's import replaces with a Windows-only stub)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            port = int(fields[1].rpartition(":")[2], 16)
+            if fields[3] == "06" and port in ports:  # 06: TCP_TIME_WAIT
+                found.add(port)
+    return found
+
+
 def free_port_block(taken: set[int], size: int = PORTS_PER_NODE) -> int:
     """A base port with ``size`` consecutive free ports (none in ``taken``), below the ephemeral
     range: a node binds its data port seconds after this check, and an outgoing connection of

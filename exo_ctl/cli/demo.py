@@ -108,9 +108,13 @@ def serving_summary(entry: DemoNode, token: str, *, config_file: Path | None) ->
 # --- ports, data dirs, config ------------------------------------------------------------------
 
 def port_in_use(port: int) -> bool:
+    """Whether a node could not listen on ``port``, tested the way the nodes listen (SO_REUSEADDR):
+    a live listener counts, the TIME-WAIT connections a stopped demo leaves behind do not."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
+            sock.listen()
         except OSError:
             return True
     return False
@@ -344,8 +348,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
               "all three nodes)", file=out, flush=True)
         stream_chat(nodes[0], secret, prompt=args.prompt, max_tokens=args.max_tokens, out=out)
         config.install(server=nodes[0].url, token=secret)
+        serving = True  # before the summary: a Ctrl-C right after it still counts as a clean stop
         print(serving_summary(nodes[0], secret, config_file=config.path), file=out, flush=True)
-        serving = True
         reported: set[str] = set()
         while True:
             for gone in set(cluster.exited()) - reported:

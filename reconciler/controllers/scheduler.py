@@ -7,6 +7,7 @@ NotReady, a node joining, a spec change, a delete) and on a slow resync.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,10 +28,22 @@ log = logging.getLogger(__name__)
 PROFILE_RETRY_SECONDS = 5.0
 
 
+MAX_NAME = 253  # a DNS-1123 subdomain
+
+
 def shard_name(deployment: ModelDeployment, replica: int, index: int) -> str:
+    """``NAME-rR-sI`` in the default namespace; elsewhere ``NAME.NAMESPACE-HASH-rR-sI``, where HASH
+    (of ``NAMESPACE/NAME``) keeps ``a.b`` in default and ``a`` in ``b`` apart. Too long a name is
+    cut and hashed. The scheduler reports the rare clash left (ShardNameConflict) instead of
+    taking another deployment's shard."""
     meta = deployment.metadata
-    base = meta.name if meta.namespace in (None, "default") else f"{meta.name}.{meta.namespace}"
-    return f"{base}-r{replica}-s{index}"
+    namespace = meta.namespace or "default"
+    digest = hashlib.sha256(f"{namespace}/{meta.name}".encode()).hexdigest()[:6]
+    suffix = f"-r{replica}-s{index}"
+    base = meta.name if namespace == "default" else f"{meta.name}.{namespace}-{digest}"
+    if len(base) + len(suffix) > MAX_NAME:
+        base = base[:MAX_NAME - len(suffix) - len(digest) - 1].rstrip(".-") + f"-{digest}"
+    return base + suffix
 
 
 def desired_shards(deployment: ModelDeployment, plan: PlacementPlan) -> dict[str, dict[str, Any]]:
@@ -144,9 +157,11 @@ class SchedulerController(Controller):
             desired = desired_shards(deployment, plan)
             if not plan.schedulable:
                 problem = ("Unschedulable", plan.reason or "cannot be placed")
-        wrote = False
+        wrote, conflicts = False, []
         if problem is None or desired:
-            wrote = await self._converge(desired, ours)
+            wrote, conflicts = await self._converge(desired, ours, key=key)
+        if conflicts and problem is None:
+            problem = ("ShardNameConflict", "; ".join(conflicts))
         shards_now = [s for s in self.store.list("Shard")[0]
                       if s["spec"]["deployment"] == key and s["spec"].get("deploymentUid") == uid]
         live = self.store.get(("ModelDeployment", deployment.metadata.namespace or "default", deployment.metadata.name))
@@ -166,15 +181,23 @@ class SchedulerController(Controller):
                     raise  # 404/409: it changed under us; the next pass (already woken) sees it
         if wrote:
             return None
-        # A model that could not be read is looked for again after PROFILE_RETRY_SECONDS.
-        return self.clock() + PROFILE_RETRY_SECONDS if problem and problem[0] == "ModelNotFound" else float("inf")
+        # A model that could not be read, or a shard name taken, is looked at again after a pause.
+        retried = problem and problem[0] in ("ModelNotFound", "ShardNameConflict")
+        return self.clock() + PROFILE_RETRY_SECONDS if retried else float("inf")
 
-    async def _converge(self, desired: dict[str, dict[str, Any]], ours: dict[str, Shard]) -> bool:
-        """Create, move or delete this deployment's shards; True when anything was written."""
-        wrote = False
+    async def _converge(self, desired: dict[str, dict[str, Any]], ours: dict[str, Shard], *,
+                        key: str) -> tuple[bool, list[str]]:
+        """Create, move or delete this deployment's shards: whether anything was written, and the
+        names that another deployment's shards hold (never overwritten)."""
+        wrote, conflicts = False, []
         for name, body in desired.items():
             current = ours.get(name)
             if current is None:
+                holder = self._holder(name)
+                if holder is not None and holder != key:
+                    log.warning("shard name %s is taken by deployment %s; not scheduling it for %s", name, holder, key)
+                    conflicts.append(f"shard {name} already belongs to deployment {holder}")
+                    continue
                 log.info("scheduling shard %s on %s (layers %s)", name, body["spec"]["nodeName"],
                          body["spec"]["layers"])
                 wrote = True
@@ -183,6 +206,11 @@ class SchedulerController(Controller):
                 except StoreError as error:
                     if error.code != 409:
                         raise
+                    # Created under us: ours from an earlier pass (or its old uid, collected soon) or a clash.
+                    holder = self._holder(name)
+                    log.info("shard %s exists already (deployment %s); looking again on the next pass", name, holder)
+                    if holder is not None and holder != key:
+                        conflicts.append(f"shard {name} already belongs to deployment {holder}")
             elif not _same(current.spec.model_dump(mode="json", exclude_none=True), body["spec"]) \
                     or current.metadata.labels != body["metadata"]["labels"]:
                 log.info("moving shard %s to %s (layers %s)", name, body["spec"]["nodeName"], body["spec"]["layers"])
@@ -192,7 +220,12 @@ class SchedulerController(Controller):
         for name in ours.keys() - desired.keys():
             wrote = True
             await self._delete_shard(name)
-        return wrote
+        return wrote, conflicts
+
+    def _holder(self, name: str) -> str | None:
+        """The NAMESPACE/NAME of the deployment whose shard is called ``name``, if one exists."""
+        existing = self.store.get(("Shard", "", name))
+        return existing["spec"]["deployment"] if existing is not None else None
 
     async def _delete_shard(self, name: str) -> None:
         log.info("deleting shard %s", name)

@@ -1,12 +1,13 @@
 """Data path: hidden states stage -> stage over TCP, tokens back to the request's origin."""
 
-from reconciler.datapath.pipeline import PipelineClient, PipelineError, StageLost
+from reconciler.datapath.pipeline import PipelineClient, RequestStalled, RouteError, StageLost
 from reconciler.datapath.stage import StageServer
 from reconciler.datapath.wire import SamplingParams, StageAddress
 
 __all__ = [
     "PipelineClient",
-    "PipelineError",
+    "RouteError",
+    "RequestStalled",
     "SamplingParams",
     "StageAddress",
     "StageLost",

@@ -5,6 +5,11 @@ The client keeps one connection per stage server. For a request it sends OPEN to
 prompt to stage 0 in prefill chunks and each sampled token back in, one at a time. Every stage
 connection is pinged while open, so a stage that dies, hangs or becomes unreachable fails the
 request within `dead_after_s` instead of hanging it.
+
+Prefill is flow-controlled: the last stage acknowledges each chunk, and at most
+`prefill_window` chunks are in the pipeline at once, so a cancelled prefill leaves at most that
+much work behind and no stage buffers a whole long prompt. A request that gets no frame for
+`idle_timeout_s` fails with `RequestStalled`; however it ends, every stage gets an END.
 """
 
 from __future__ import annotations
@@ -34,12 +39,16 @@ from reconciler.datapath.wire import (
 )
 
 
-class PipelineError(RuntimeError):
+class RouteError(RuntimeError):
     """A stage refused or failed the request; the message says which stage and why."""
 
 
-class StageLost(PipelineError):
+class StageLost(RouteError):
     """A stage could not be reached, closed its connection, or stopped answering."""
+
+
+class RequestStalled(RouteError):
+    """The stages stayed connected, but the request made no progress for `idle_timeout_s`."""
 
 
 class _StageConnection:
@@ -137,8 +146,8 @@ def _raise_if_error(item: Frame | Exception) -> Frame:
         try:
             report = ErrorReport.model_validate(item.meta)
         except ValueError:
-            raise PipelineError(f"stage {item.stage} failed without a readable report") from None
-        raise (StageLost if report.next_stage_lost else PipelineError)(f"{report.stage}: {report.message}")
+            raise RouteError(f"stage {item.stage} failed without a readable report") from None
+        raise (StageLost if report.next_stage_lost else RouteError)(f"{report.stage}: {report.message}")
     return item
 
 
@@ -149,14 +158,22 @@ class PipelineClient:
         self,
         *,
         prefill_chunk: int = 512,
+        prefill_window: int = 2,
         connect_timeout_s: float = 3.0,
         heartbeat_interval_s: float = 0.5,
         dead_after_s: float = 2.5,
+        idle_timeout_s: float = 60.0,
         token: str | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be at least 1, got {prefill_chunk}")
+        if prefill_window < 1:
+            raise ValueError(f"prefill_window: must be at least 1, got {prefill_window}")
+        if idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s: must be positive, got {idle_timeout_s}")
         self.prefill_chunk = prefill_chunk
+        self.prefill_window = prefill_window
+        self.idle_timeout_s = idle_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._dead_after_s = dead_after_s
@@ -226,21 +243,29 @@ class PipelineClient:
                 conn.send(Frame(Kind.OPEN, request_id, stage=index, meta=spec.model_dump(mode="json")))
             waiting = set(range(len(route)))
             while waiting:
-                frame = _raise_if_error(await queue.get())
+                frame = await self._next(queue, route, "the stages to open the request")
                 if frame.kind is Kind.OPENED:
                     waiting.discard(frame.stage)
 
-            entry, position = conns[0], 0
+            entry, position, in_flight = conns[0], 0, 0
             while len(ids) - position > 1:  # same chunking as mlx_lm.generate_step
+                while in_flight >= self.prefill_window:
+                    frame = await self._next(queue, route, f"prefill up to position {position}")
+                    if frame.kind is not Kind.ACK:
+                        raise RouteError(f"stage {frame.stage} sent {frame.kind.name} during prefill")
+                    in_flight -= 1
                 n = min(self.prefill_chunk, len(ids) - position - 1)
                 entry.send(Frame(Kind.FORWARD, request_id, position=position, tensor=_token_tensor(ids[position : position + n])))
                 position += n
+                in_flight += 1
             entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position, tensor=_token_tensor(ids[position:])))
             position = len(ids)
             for produced in range(1, max_tokens + 1):
-                frame = _raise_if_error(await queue.get())
+                frame = await self._next(queue, route, f"token {produced}")
+                while frame.kind is Kind.ACK:  # the last prefill chunks, ahead of the first token
+                    frame = await self._next(queue, route, f"token {produced}")
                 if frame.kind is not Kind.TOKEN:
-                    raise PipelineError(f"stage {frame.stage} sent an unexpected {frame.kind.name} frame")
+                    raise RouteError(f"stage {frame.stage} sent an unexpected {frame.kind.name} frame")
                 if frame.token in stops:
                     return
                 yield frame.token
@@ -253,6 +278,16 @@ class PipelineClient:
                 conn.requests.pop(request_id, None)
                 if conn.failure is None:
                     conn.send(Frame(Kind.END, request_id, stage=index))
+
+    async def _next(self, queue: asyncio.Queue[Frame | Exception], route: Sequence[StageAddress],
+                    waiting_for: str) -> Frame:
+        try:
+            item = await asyncio.wait_for(queue.get(), self.idle_timeout_s)
+        except asyncio.TimeoutError:
+            stages = " -> ".join(str(address) for address in route)
+            raise RequestStalled(f"no progress for {self.idle_timeout_s:g} s waiting for {waiting_for} "
+                                 f"(route {stages})") from None
+        return _raise_if_error(item)
 
     async def aclose(self) -> None:
         conns = list(self._connections.values())

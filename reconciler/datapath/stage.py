@@ -5,6 +5,11 @@ it keeps a KV cache, runs `forward` on the shard's compute thread, and sends the
 next stage over a persistent connection, or (last stage) samples and sends the token id back to
 the request's origin. A request's state is dropped when the origin ends it, when the origin's
 connection closes, or when its next hop is lost (the origin is told with an ERROR frame).
+
+Memory is bounded per connection: a next hop whose unsent bytes would pass `max_buffered_bytes`
+fails the request instead of buffering more (a stalled peer costs at most that, or one frame
+when a single frame is larger), and a connection whose chunks wait for compute beyond the same
+bound is not read until they drain, so a flooding peer meets TCP backpressure.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,7 @@ from reconciler.datapath.wire import (
     WireError,
     array_to_tensor,
     check_hello,
+    frame_size,
     hello_frame,
     open_connection,
     read_frame,
@@ -41,6 +48,13 @@ from reconciler.runtime.shard_model import ShardModel
 
 log = logging.getLogger(__name__)
 
+# Per connection: unsent bytes to a next hop, and received chunks waiting for compute (8 chunks
+# of 512 rows of 8,192-wide bf16 hidden states).
+DEFAULT_BUFFER_BOUND = 64 << 20
+# Connections that have not said HELLO yet; each holds at most a header, 1 KiB of metadata and
+# its stream buffer (128 KiB), for at most connect_timeout_s.
+MAX_UNAUTHENTICATED = 64
+
 
 class _Peer:
     """One TCP connection; writes are queued synchronously so frame order is preserved."""
@@ -49,12 +63,19 @@ class _Peer:
         self.writer = writer
         self.label = label
         self.closed = False
+        self.pending_bytes = 0  # received FORWARD bytes not yet through compute
+        self.room = asyncio.Event()  # set while pending_bytes is within the bound
+        self.room.set()
 
     def send(self, frame: Frame) -> bool:
         if self.closed or self.writer.is_closing():
             return False
         write_frame(self.writer, frame)
         return True
+
+    def unsent_bytes(self) -> int:
+        transport = self.writer.transport
+        return 0 if transport is None or transport.is_closing() else transport.get_write_buffer_size()
 
     def close(self) -> None:
         self.closed = True
@@ -91,7 +112,8 @@ def _sample(request: _Request, logprobs: mx.array) -> int:
     if params.temperature == 0:
         return int(mx.argmax(logprobs, axis=-1).item())
     if request.rng_key is None:
-        request.rng_key = mx.random.key(params.seed)
+        # An OPEN without a seed (the pipeline client always sends one) draws its own.
+        request.rng_key = mx.random.key(secrets.randbits(62) if params.seed is None else params.seed)
     request.rng_key, draw_key = mx.random.split(request.rng_key)
     if 0 < params.top_p < 1.0:
         from mlx_lm.sample_utils import apply_top_p  # imported on first use: mlx_lm takes seconds to import
@@ -122,7 +144,7 @@ def _compute(request: _Request, frame: Frame) -> Frame | None:
         )  # fmt: skip
     if not frame.flags & FLAG_SAMPLE:
         mx.eval([c.state for c in request.cache])  # prefill: the logits are never computed
-        return None
+        return Frame(Kind.ACK, request.request_id, stage=request.stage, position=request.offset)
     logits = out[:, -1, :]
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
     return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=_sample(request, logprobs))
@@ -142,8 +164,11 @@ class StageServer:
     """Hosts loaded shards behind one TCP port. Start with `await start()`, stop with `stop()`."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, max_buffered_bytes: int = DEFAULT_BUFFER_BOUND) -> None:
+        if max_buffered_bytes < 1:
+            raise ValueError(f"max_buffered_bytes: must be positive, got {max_buffered_bytes}")
         self.host = host
+        self.max_buffered_bytes = max_buffered_bytes
         self._token = token  # when set, every connection must open with a HELLO carrying it
         self._port = port
         self._connect_timeout_s = connect_timeout_s
@@ -155,6 +180,7 @@ class StageServer:
         self._peers: set[_Peer] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # next-hop watchers
         self._handlers: set[asyncio.Task[None]] = set()  # accepted connections
+        self._greeting = 0  # connections waiting for their HELLO
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -169,7 +195,8 @@ class StageServer:
         if self._server is not None:
             self._server.close()
         for request in list(self._requests.values()):
-            self._end(request)
+            self._fail(request, f"the stage server at {self.host}:{self._port} is shutting down",
+                       next_stage_lost=True)  # the origin learns why (as StageLost)
         for peer in list(self._peers) + list(self._links.values()):
             peer.close()  # their readers see EOF and finish on their own
         if pending := self._handlers | self._tasks:
@@ -219,6 +246,16 @@ class StageServer:
         """KV caches still held in memory (a request's cache lives until its release has run)."""
         return sum(1 for r in list(self._unreleased) if r.cache is not None)
 
+    def buffered_bytes(self) -> int:
+        """Bytes held for peers right now: unsent to next hops, and received chunks not computed."""
+        links = sum(link.unsent_bytes() for link in list(self._links.values()))
+        return links + sum(peer.pending_bytes for peer in list(self._peers))
+
+    @staticmethod
+    def mlx_active_memory() -> int:
+        """MLX's process-wide count of bytes in live arrays (weights, KV caches, activations)."""
+        return int(mx.get_active_memory())
+
     # -- connections -----------------------------------------------------------------------
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -237,13 +274,22 @@ class StageServer:
             task.add_done_callback(self._handlers.discard)
         try:
             if self._token is not None:
-                await check_hello(reader, token=self._token, timeout_s=self._connect_timeout_s)
+                if self._greeting >= MAX_UNAUTHENTICATED:
+                    raise WireError(f"{self._greeting} connections are already waiting to say HELLO")
+                self._greeting += 1
+                try:
+                    await check_hello(reader, token=self._token, timeout_s=self._connect_timeout_s)
+                finally:
+                    self._greeting -= 1
             while True:
                 await self._dispatch(peer, await read_frame(reader))
+                await peer.room.wait()  # stop reading while its chunks wait for compute
         except ConnectionClosed:
             pass
         except (WireError, OSError) as exc:
             log.warning("stage %s: dropping connection from %s: %s", self._port, peer.label, exc)
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("stage %s: dropping connection from %s", self._port, peer.label)
         finally:
             self._peers.discard(peer)
             for request in [r for r in self._requests.values() if r.origin is peer]:
@@ -280,7 +326,7 @@ class StageServer:
 
     async def _dispatch(self, peer: _Peer, frame: Frame) -> None:
         if frame.kind is Kind.FORWARD:
-            self._forward(frame)
+            self._forward(peer, frame)
         elif frame.kind is Kind.OPEN:
             await self._open(peer, frame)
         elif frame.kind is Kind.END:
@@ -325,18 +371,29 @@ class StageServer:
         self._unreleased.add(request)
         peer.send(Frame(Kind.OPENED, frame.request_id, stage=frame.stage))
 
-    def _forward(self, frame: Frame) -> None:
+    def _forward(self, peer: _Peer, frame: Frame) -> None:
         request = self._requests.get((frame.request_id, frame.stage))
         if request is None:
             return  # ended or cancelled while this chunk was in flight
         loop = self._loop
         assert loop is not None
-        future = request.shard.compute.submit(_compute, request, frame)
+        size = len(frame.tensor.data) if frame.tensor is not None else 0
+        try:
+            future = request.shard.compute.submit(_compute, request, frame)
+        except RuntimeError:  # the shard's compute thread is shut down (it is being unloaded)
+            return self._fail(request, f"shard {request.shard_name!r} was unloaded")
+        peer.pending_bytes += size
+        if peer.pending_bytes > self.max_buffered_bytes:
+            peer.room.clear()
         # Done-callbacks fire on the compute thread in completion (= submission) order, so the
         # frames of one request reach the next hop in order.
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._deliver, request, f))
+        future.add_done_callback(lambda f: _call_soon(loop, self._deliver, request, f, peer, size))
 
-    def _deliver(self, request: _Request, future: concurrent.futures.Future[Frame | None]) -> None:
+    def _deliver(self, request: _Request, future: concurrent.futures.Future[Frame | None],
+                 source: _Peer, size: int) -> None:
+        source.pending_bytes -= size
+        if source.pending_bytes <= self.max_buffered_bytes:
+            source.room.set()
         if request.ended or future.cancelled():
             return
         exc = future.exception()
@@ -347,8 +404,18 @@ class StageServer:
         out = future.result()
         if out is None:
             return
-        target = request.origin if out.kind is Kind.TOKEN else request.next_hop
-        if target is None or not target.send(out):
+        if out.kind is not Kind.FORWARD:  # TOKEN or ACK, to the origin
+            request.origin.send(out)
+            return
+        target = request.next_hop
+        if target is None or target.closed:
+            return self._fail(request, "the connection to the next stage is closed", next_stage_lost=True)
+        unsent, out_size = target.unsent_bytes(), frame_size(out)
+        if unsent and unsent + out_size > self.max_buffered_bytes:
+            return self._fail(request, f"the next stage at {target.label} is not reading: {unsent} bytes wait to be "
+                                       f"sent to it, and {out_size} more would pass the bound of "
+                                       f"{self.max_buffered_bytes} bytes")
+        if not target.send(out):
             self._fail(request, "the connection to the next stage is closed", next_stage_lost=True)
 
     def _end(self, request: _Request) -> None:

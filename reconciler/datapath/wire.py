@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -25,7 +25,10 @@ VERSION = 1
 HEADER = struct.Struct("!2sBBBBQIiBBxx4IIQ")
 MAX_NDIM = 4
 MAX_META_BYTES = 1 << 20
-MAX_DATA_BYTES = 1 << 31
+# The largest tensor a frame may claim: a 512-row chunk of 16,384-wide float32 hidden states.
+# A peer's header is checked against it before any of the body is read.
+MAX_DATA_BYTES = 32 << 20
+MAX_HELLO_META_BYTES = 1024
 NO_TOKEN = -1
 
 FLAG_SAMPLE = 1  # the last stage samples a token from this chunk's final position
@@ -41,6 +44,7 @@ class Kind(enum.IntEnum):
     PING = 7
     PONG = 8
     HELLO = 9  # first frame on every connection when the server requires a token: meta = {"token"}
+    ACK = 10  # last stage -> origin: a prefill chunk went through every stage (flow control)
 
 
 # Wire dtype codes; numpy has no bfloat16, so bf16 travels as its raw 16-bit pattern.
@@ -75,12 +79,34 @@ class StageAddress(BaseModel):
         return f"{self.shard}@{self.host}:{self.port}"
 
 
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+SEED_RANGE = 1 << 63  # seeds travel as 0 <= seed < 2**63 (mx.random.key takes them)
 
-    temperature: float = Field(default=0.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int = Field(default=0, ge=0, lt=1 << 63)
+
+class SamplingParams(BaseModel):
+    """How tokens are drawn: the one set of sampling rules, shared by the OpenAI API (its
+    ValidationError is the client's 400), the inference backends and the wire (OPEN frames).
+
+    ``top_p`` 0 means greedy (the limit of a nucleus whose mass goes to 0), so it is stored as
+    temperature 0, top_p 1. Any 64-bit seed is accepted (OpenAI clients send negative ones) and
+    mapped deterministically into the wire's range; None lets the pipeline draw one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+
+    @field_validator("seed", mode="after")
+    @classmethod
+    def _seed_in_wire_range(cls, seed: int | None) -> int | None:
+        return None if seed is None else seed % SEED_RANGE
+
+    @model_validator(mode="after")
+    def _top_p_zero_is_greedy(self) -> "SamplingParams":
+        if self.top_p == 0.0:
+            object.__setattr__(self, "temperature", 0.0)
+            object.__setattr__(self, "top_p", 1.0)
+        return self
 
 
 class OpenRequest(BaseModel):
@@ -183,14 +209,15 @@ def decode_header(raw: bytes) -> Header:
     if dtype and dtype not in DTYPE_NAMES:
         raise WireError(f"unknown dtype code {dtype}")
     if meta_len > MAX_META_BYTES or data_len > MAX_DATA_BYTES:
-        raise WireError(f"frame too large: {meta_len} metadata bytes, {data_len} data bytes")
+        raise WireError(f"frame too large: {meta_len} metadata bytes (at most {MAX_META_BYTES}), "
+                        f"{data_len} data bytes (at most {MAX_DATA_BYTES})")
     return Header(kind, request_id, stage, flags, position, token, dtype, (s0, s1, s2, s3)[:ndim], meta_len, data_len)
 
 
 def decode_body(header: Header, meta: bytes, data: bytes) -> Frame:
     try:
         meta_obj = json.loads(meta) if meta else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError(f"frame metadata is not JSON: {exc}") from None
     tensor = Tensor(DTYPE_NAMES[header.dtype], header.shape, data) if header.dtype else None
     if tensor is None and data:
@@ -222,12 +249,22 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
     return decode_body(header, meta, data)
 
 
-def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> None:
-    """Queue a frame on the transport (no await: frames from one caller keep their order)."""
+def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> int:
+    """Queue a frame on the transport (no await: frames from one caller keep their order);
+    returns its size in bytes."""
     head, data = encode_frame(frame)
     writer.write(head)
     if data:
         writer.write(data)
+    return len(head) + len(data)
+
+
+def frame_size(frame: Frame) -> int:
+    """Bytes `frame` takes on the wire (metadata-free frames: no encoding needed)."""
+    if frame.meta is not None:
+        head, data = encode_frame(frame)
+        return len(head) + len(data)
+    return HEADER.size + (len(frame.tensor.data) if frame.tensor is not None else 0)
 
 
 async def open_connection(host: str, port: int, *, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -248,13 +285,13 @@ async def check_hello(reader: asyncio.StreamReader, *, token: str, timeout_s: fl
 
     try:
         header = decode_header(await asyncio.wait_for(reader.readexactly(HEADER.size), timeout_s))
-        if header.kind is not Kind.HELLO or header.data_len or header.meta_len > 1024:
+        if header.kind is not Kind.HELLO or header.data_len or header.meta_len > MAX_HELLO_META_BYTES:
             raise WireError("the first frame must be HELLO with the cluster's data-path token")
         meta = await asyncio.wait_for(reader.readexactly(header.meta_len), timeout_s)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError):
         raise WireError("no HELLO from the peer") from None
     frame = decode_body(header, meta, b"")
-    offered = str((frame.meta or {}).get("token", ""))
+    offered = str(frame.meta.get("token", "")) if isinstance(frame.meta, dict) else ""
     if not hmac.compare_digest(offered.encode(), token.encode()):
         raise WireError("wrong data-path token (is the peer from another cluster?)")
 

@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from reconciler.datapath.wire import SamplingParams
+
+__all__ = ["InferenceBackend", "ModelCard", "ModelHandle", "NotReady", "PipelineError", "SamplingParams"]
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -43,14 +47,6 @@ class PipelineError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int           # >= 1
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0        # 1 (or 0) = off
-    seed: int | None = None
-
-
 class ModelHandle(Protocol):
     """A resolved, ready model."""
 
@@ -59,8 +55,13 @@ class ModelHandle(Protocol):
         """An mlx_lm ``TokenizerWrapper``: apply_chat_template, encode, eos_token_ids, detokenizer."""
         ...
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Sampled token ids, at most ``params.max_tokens``. The stream may include an
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + completion) the model takes, from its config; None if unknown."""
+        ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> AsyncIterator[int]:
+        """Sampled token ids, at most ``max_tokens``. The stream may include an
         end-of-sequence id (the caller stops there) or simply end early (also a stop). Closing the
         iterator (``aclose()``) cancels the request; a failure raises ``PipelineError``."""
         ...

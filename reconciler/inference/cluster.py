@@ -17,12 +17,14 @@ from reconciler.controllers.deployment_status import shard_ready
 from reconciler.datapath import pipeline as datapath
 from reconciler.datapath.wire import StageAddress
 from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
+from reconciler.inference.context import read_context_length
 from reconciler.runtime.model_files import TOKENIZER_PATTERNS, ModelFilesError, local_model_path
 from reconciler.store.base import Store
 from reconciler.store.state import StoreState
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0
+SHUTTING_DOWN = "this node is shutting down; send the request to another node of the cluster"
 TOKENIZER_RETRY_S = 10.0  # a tokenizer that failed to load is tried again after this long
 
 
@@ -76,19 +78,24 @@ def ready_routes(deployment: dict[str, Any], shards: list[dict[str, Any]]) -> li
 class ClusterModel:
     """One deployment's handle (``ModelHandle``): its tokenizer and a route through its stages."""
 
-    def __init__(self, *, tokenizer: Any, route: list[StageAddress], client: datapath.PipelineClient) -> None:
+    def __init__(self, *, tokenizer: Any, route: list[StageAddress], client: datapath.PipelineClient,
+                 context_length: int | None = None, closing: Callable[[], bool] = lambda: False) -> None:
         self.tokenizer = tokenizer
+        self._closing = closing  # true once the node is shutting down
+        self.context_length = context_length
         self.route = route
         self._client = client
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        tokens = self._client.generate(self.route, list(prompt_ids), max_tokens=params.max_tokens,
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> AsyncIterator[int]:
+        tokens = self._client.generate(self.route, list(prompt_ids), max_tokens=max_tokens,
                                        temperature=params.temperature, top_p=params.top_p, seed=params.seed,
                                        stop_ids=self.tokenizer.eos_token_ids)
         try:
             async for token in tokens:
                 yield token
-        except datapath.PipelineError as error:
+        except datapath.RouteError as error:
+            if self._closing():  # the node closed the pipeline client on its way out
+                raise NotReady(SHUTTING_DOWN, retry_after=RETRY_AFTER) from None
             raise PipelineError(str(error)) from None
         finally:
             await tokens.aclose()
@@ -97,17 +104,18 @@ class ClusterModel:
 class ClusterBackend:
     """``InferenceBackend`` over the store's ModelDeployments and Shards."""
 
-    def __init__(self, *, store: Store, data_token: str | None = None,
+    def __init__(self, *, store: Store, data_token: str | None = None, idle_timeout_s: float = 60.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._monotonic = monotonic
         self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
-        self.client = datapath.PipelineClient(token=data_token)
+        self.client = datapath.PipelineClient(token=data_token, idle_timeout_s=idle_timeout_s)
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._round_robin = itertools.count()
         self._seen_revision = store.revision
         self._unsubscribe = store.add_listener(self._on_change)
+        self.closing = False
 
     def _on_change(self, state: StoreState) -> None:
         """Prefetch when a deployment changed (not on every lease renewal), and drop the
@@ -134,13 +142,16 @@ class ClusterBackend:
         deployment = next((d for d in self._deployments() if deployment_name(d) == model), None)
         if deployment is None:
             raise KeyError(model)
+        if self.closing:
+            raise NotReady(SHUTTING_DOWN, retry_after=RETRY_AFTER)
         routes = ready_routes(deployment, self.store.list("Shard")[0])
         if not routes:
             raise NotReady(f"model {model!r} is not ready: {_not_ready_reason(deployment)}", retry_after=RETRY_AFTER)
         spec = deployment["spec"]["model"]
-        tokenizer = self._tokenizer(spec["source"], spec.get("revision"))
+        tokenizer, context_length = self._tokenizer(spec["source"], spec.get("revision"))
         route = routes[next(self._round_robin) % len(routes)]
-        return ClusterModel(tokenizer=tokenizer, route=route, client=self.client)
+        return ClusterModel(tokenizer=tokenizer, route=route, client=self.client, context_length=context_length,
+                            closing=lambda: self.closing)
 
     def _tokenizer(self, source: str, revision: str | None) -> Any:
         key = (source, revision)
@@ -184,15 +195,18 @@ class ClusterBackend:
             self._loading.pop(key, None)
 
     async def close(self) -> None:
+        """Fail every generation in flight (with NotReady: this node is shutting down) and refuse new ones."""
+        self.closing = True
         self._unsubscribe()
         for task in list(self._loading.values()):
             task.cancel()
         await self.client.aclose()
 
 
-def _load_tokenizer(source: str, revision: str | None) -> Any:
+def _load_tokenizer(source: str, revision: str | None) -> tuple[Any, int | None]:
+    """The tokenizer and the context length (from config.json, fetched with the tokenizer)."""
     from mlx_lm.utils import load_tokenizer
 
     # An entry node needs the tokenizer only: never download a model's weights for it.
     path: Path = local_model_path(source, revision=revision, patterns=TOKENIZER_PATTERNS)
-    return load_tokenizer(path)
+    return load_tokenizer(path), read_context_length(path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.inference.backend import ModelCard, NotReady, SamplingParams
+from reconciler.inference.context import read_context_length
 from reconciler.runtime.shard_model import ComputeThread
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,11 @@ log = logging.getLogger(__name__)
 class LocalModel:
     """A loaded model; implements ``ModelHandle``."""
 
-    def __init__(self, *, model: Any, tokenizer: Any, compute: ComputeThread, turn: asyncio.Lock) -> None:
+    def __init__(self, *, model: Any, tokenizer: Any, compute: ComputeThread, turn: asyncio.Lock,
+                 context_length: int | None = None) -> None:
         self._model = model
         self._tokenizer = tokenizer
+        self._context_length = context_length
         self._compute = compute
         self._turn = turn
 
@@ -33,14 +36,19 @@ class LocalModel:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    @property
+    def context_length(self) -> int | None:
+        return self._context_length
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> AsyncIterator[int]:
         if not prompt_ids:
             raise ValueError("prompt_ids: must hold at least one token")
         eos = set(self._tokenizer.eos_token_ids)
         async with self._turn:
-            steps = await self._compute.run(_start_generation, self._model, list(prompt_ids), params)
+            steps = await self._compute.run(_start_generation, self._model, list(prompt_ids), params,
+                                            max_tokens)
             try:
-                for _ in range(params.max_tokens):
+                for _ in range(max_tokens):
                     token = await self._compute.run(next, steps, None)
                     if token is None:
                         return
@@ -51,7 +59,7 @@ class LocalModel:
                 await self._compute.run(steps.close)
 
 
-def _start_generation(model: Any, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+def _start_generation(model: Any, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
     """On the compute thread: seed (when asked) and set up mlx_lm's generator of token ids."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -60,7 +68,7 @@ def _start_generation(model: Any, prompt_ids: list[int], params: SamplingParams)
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(temp=params.temperature, top_p=params.top_p)
-    steps = generate_step(mx.array(prompt_ids), model, max_tokens=params.max_tokens, sampler=sampler)
+    steps = generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler)
     return (int(token) for token, _logprobs in steps)
 
 
@@ -106,7 +114,8 @@ class LocalBackend:
                 log.warning("cannot load model %s from %s: %s", name, entry.path, error)
                 entry.state = f"Failed: {type(error).__name__}: {error}"
                 continue
-            entry.handle = LocalModel(model=model, tokenizer=tokenizer, compute=self._compute, turn=self._turn)
+            entry.handle = LocalModel(model=model, tokenizer=tokenizer, compute=self._compute, turn=self._turn,
+                                      context_length=read_context_length(entry.path))
             entry.state = "Ready"
 
     def models(self) -> list[ModelCard]:

@@ -11,10 +11,16 @@ DATAPATH_PATH = "/internal/v1/datapath"
 
 
 def datapath_status(stage_server: StageServer) -> dict:
+    """``mlxActiveMemoryBytes`` is MLX's count of bytes in live arrays (weights + KV caches +
+    activations); ``bufferedBytes`` what the stage holds for peers now, at most
+    ``bufferBoundBytes`` per connection (or one frame when a single frame is larger)."""
     return {"port": stage_server.port,
             "shards": {name: stage_server.active_requests(name) for name in stage_server.shard_names()},
             "activeRequests": stage_server.active_requests(),
-            "kvCaches": stage_server.kv_caches()}
+            "kvCaches": stage_server.kv_caches(),
+            "mlxActiveMemoryBytes": stage_server.mlx_active_memory(),
+            "bufferedBytes": stage_server.buffered_bytes(),
+            "bufferBoundBytes": stage_server.max_buffered_bytes}
 
 
 def add_datapath_routes(app: web.Application, *, stage_server: StageServer) -> None:

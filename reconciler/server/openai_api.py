@@ -3,6 +3,10 @@
 
 The app's auth middleware guards ``/v1/`` (the cluster token is the API key). A client that
 leaves mid-request cancels its generation (the backend's token iterator is closed).
+
+Checked at the door, before any compute: the body size (413), the fields (400), the prompt and
+``max_tokens`` against the model's context length (400); then the request waits for one of the
+node's generation slots, or gets a 429 with Retry-After when the queue is full.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import math
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +25,17 @@ from aiohttp import web
 from reconciler.inference.backend import InferenceBackend, ModelHandle, NotReady, PipelineError
 from reconciler.inference.text import TextDeltas
 from reconciler.metrics import NodeMetrics
+from reconciler.server.admission import Overloaded, RequestAdmission
+from reconciler.server.bodies import read_body
+from reconciler.server.errors import ApiError
 from reconciler.server.openai_errors import OpenAIError
 from reconciler.server.openai_requests import (
     ChatRequest,
     CompletionRequest,
     GenerationOptions,
+    completion_budget,
     parse_chat_request,
+    refuse_surely_too_long,
     parse_completion_request,
     parse_json_body,
 )
@@ -33,12 +43,19 @@ from reconciler.server.openai_requests import (
 CLIENT_GONE = "499"  # the metrics status of a request whose client left (nginx's convention)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Handler = Callable[[web.Request], Any]
+MAX_BODY_BYTES = 1 << 20       # a /v1 request body beyond this is a 413
+DEFAULT_MAX_CONCURRENT = 8     # requests generating at once on this entry node
+DEFAULT_MAX_QUEUED = 32        # requests waiting for a slot; beyond: 429
+RETRY_AFTER_S = 1
 
 
 def add_openai_routes(app: web.Application, *, backend: InferenceBackend, metrics: NodeMetrics | None = None,
-                      clock: Callable[[], float] = time.time,
-                      monotonic: Callable[[], float] = time.monotonic) -> None:
-    api = OpenAIApi(backend=backend, metrics=metrics, clock=clock, monotonic=monotonic)
+                      clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                      max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+    admission = RequestAdmission(max_running=max_concurrent, max_queued=max_queued)
+    if metrics:
+        metrics.inference_queued.set_function(lambda: admission.queued)
+    api = OpenAIApi(backend=backend, metrics=metrics, clock=clock, monotonic=monotonic, admission=admission)
     app.router.add_get("/v1/models", _answering_errors(api.list_models))
     app.router.add_get("/v1/models/{model:.+}", _answering_errors(api.get_model))
     app.router.add_post("/v1/chat/completions", _answering_errors(api.chat_completions))
@@ -109,8 +126,9 @@ class _Generation:
     the metrics. Iterate ``pieces()`` (and close it to cancel)."""
 
     def __init__(self, *, handle: ModelHandle, prompt_ids: list[int], options: GenerationOptions,
-                 observe: "_Observer") -> None:
+                 max_tokens: int, observe: "_Observer") -> None:
         self.handle, self.prompt_ids, self.options, self.observe = handle, prompt_ids, options, observe
+        self.max_tokens = max_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
 
@@ -119,7 +137,7 @@ class _Generation:
         eos = set(tokenizer.eos_token_ids)
         text = TextDeltas(tokenizer.detokenizer, stops=self.options.stop)
         self.observe.started(len(self.prompt_ids))
-        tokens = self.handle.generate(self.prompt_ids, self.options.params)
+        tokens = self.handle.generate(self.prompt_ids, self.options.params, max_tokens=self.max_tokens)
         async with contextlib.aclosing(tokens):
             async for token in tokens:
                 self.observe.token()
@@ -133,7 +151,7 @@ class _Generation:
                 if text.stopped:
                     self.finish_reason = "stop"
                     return
-                if self.completion_tokens >= self.options.params.max_tokens:
+                if self.completion_tokens >= self.max_tokens:
                     self.finish_reason = "length"
                     break
             else:
@@ -152,6 +170,7 @@ class _Observer:
         self.last_token: float | None = None
         self.generated = 0
         self.in_flight = False
+        self.done = False
 
     def started(self, prompt_tokens: int) -> None:
         if self.metrics:
@@ -169,8 +188,9 @@ class _Observer:
         self.last_token = now
 
     def finished(self, status: int | str, *, completion_tokens: int = 0) -> None:
-        if not self.metrics:
+        if not self.metrics or self.done:
             return
+        self.done = True
         self.metrics.inference_requests.labels(self.model, str(status)).inc()
         if completion_tokens:
             self.metrics.generated_tokens.labels(self.model).inc(completion_tokens)
@@ -182,9 +202,10 @@ class _Observer:
 # --- the API -----------------------------------------------------------------------------------
 
 class OpenAIApi:
-    def __init__(self, *, backend: InferenceBackend, metrics: NodeMetrics | None,
-                 clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+    def __init__(self, *, backend: InferenceBackend, metrics: NodeMetrics | None, clock: Callable[[], float],
+                 monotonic: Callable[[], float], admission: RequestAdmission) -> None:
         self.backend, self.metrics, self.clock, self.monotonic = backend, metrics, clock, monotonic
+        self.admission = admission
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [_model_object(card) for card in self.backend.models()]})
@@ -197,27 +218,44 @@ class OpenAIApi:
         raise _model_not_found(name)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse=parse_chat_request, prompt_ids=_chat_prompt_ids, shape=CHAT)
+        return await self._generate(request, parse=parse_chat_request, prompt_ids=_chat_prompt_ids, shape=CHAT,
+                                    prompt_param="messages")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse=parse_completion_request, prompt_ids=_completion_prompt_ids,
-                                    shape=TEXT)
+                                    shape=TEXT, prompt_param="prompt")
 
     async def _generate(self, request: web.Request, *, parse: Callable[[Any], Any],
-                        prompt_ids: Callable[[Any, Any], list[int]], shape: _Shape) -> web.StreamResponse:
-        """Parse, resolve the model and tokenize (each failure counted as a finished request),
-        then answer streaming or not."""
+                        prompt_ids: Callable[[Any, Any], list[int]], shape: _Shape,
+                        prompt_param: str) -> web.StreamResponse:
+        """Parse, resolve the model, tokenize and check the bounds (each failure counted as a
+        finished request), wait for a slot, then answer streaming or not."""
         observe = self._observer(None)
         try:
             parsed = parse(await _read_body(request))
             observe = self._observer(parsed.options.model)
             handle = self._resolve(parsed.options.model)
             ids = prompt_ids(handle, parsed)
+            max_tokens = completion_budget(prompt_tokens=len(ids), options=parsed.options,
+                                           context_length=handle.context_length, prompt_param=prompt_param)
+            async with self._slot(request):
+                return await self._respond(request, handle=handle, prompt_ids=ids, options=parsed.options,
+                                           max_tokens=max_tokens, shape=shape, observe=observe)
         except OpenAIError as error:
-            observe.finished(error.status)
+            observe.finished(error.status)  # a no-op when the response already counted it
             raise
-        return await self._respond(request, handle=handle, prompt_ids=ids, options=parsed.options,
-                                   shape=shape, observe=observe)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, request: web.Request) -> AsyncIterator[None]:
+        try:
+            async with self.admission.slot():
+                yield
+        except Overloaded as error:
+            if self.metrics:
+                self.metrics.inference_rejected.inc()
+            raise OpenAIError(429, f"too many requests: {error}; retry after {RETRY_AFTER_S}s",
+                              code="rate_limit_exceeded", type="requests",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def _observer(self, model: str | None) -> _Observer:
         # Label by the deployment name; requests for unknown models share "" (no label explosion).
@@ -233,8 +271,10 @@ class OpenAIApi:
             raise _not_ready(error) from None
 
     async def _respond(self, request: web.Request, *, handle: ModelHandle, prompt_ids: list[int],
-                       options: GenerationOptions, shape: _Shape, observe: _Observer) -> web.StreamResponse:
-        run = _Generation(handle=handle, prompt_ids=prompt_ids, options=options, observe=observe)
+                       options: GenerationOptions, max_tokens: int, shape: _Shape,
+                       observe: _Observer) -> web.StreamResponse:
+        run = _Generation(handle=handle, prompt_ids=prompt_ids, options=options, max_tokens=max_tokens,
+                          observe=observe)
         head = {"id": shape.id_prefix + secrets.token_hex(12), "created": int(self.clock()), "model": options.model}
         status: int | str = CLIENT_GONE
         try:
@@ -309,6 +349,7 @@ def _client_gone(request: web.Request) -> bool:
 # --- prompts -----------------------------------------------------------------------------------
 
 def _chat_prompt_ids(handle: ModelHandle, chat: ChatRequest) -> list[int]:
+    _refuse_surely_too_long(handle, chat.options, sum(len(m["content"]) for m in chat.messages), param="messages")
     try:
         ids = handle.tokenizer.apply_chat_template(list(chat.messages), add_generation_prompt=True)
     except Exception as error:  # jinja's or the tokenizer's complaint about these messages
@@ -326,10 +367,28 @@ def _completion_prompt_ids(handle: ModelHandle, completion: CompletionRequest) -
             raise OpenAIError(400, f"prompt: token ids must be below the vocabulary size {vocab}, got "
                                    f"{max(ids)}", param="prompt", code="invalid_value")
         return _checked_ids(ids, param="prompt")
+    _refuse_surely_too_long(handle, completion.options, len(completion.prompt), param="prompt")
     # Like mlx_lm: add the BOS token unless the text already starts with it.
     bos = getattr(tokenizer, "bos_token", None)
     add_special = bos is None or not completion.prompt.startswith(bos)
     return _checked_ids(list(tokenizer.encode(completion.prompt, add_special_tokens=add_special)), param="prompt")
+
+
+def _refuse_surely_too_long(handle: ModelHandle, options: GenerationOptions, chars: int, *, param: str) -> None:
+    """Tokenizing a megabyte takes seconds: refuse at once a text that cannot fit."""
+    refuse_surely_too_long(chars=chars, max_token_chars=_max_token_chars(handle.tokenizer), options=options,
+                           context_length=handle.context_length, prompt_param=param)
+
+
+_MAX_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry, in characters (0 when the tokenizer does not say)."""
+    if tokenizer not in _MAX_TOKEN_CHARS:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _MAX_TOKEN_CHARS[tokenizer] = max(map(len, vocab), default=0)
+    return _MAX_TOKEN_CHARS[tokenizer]
 
 
 def _checked_ids(ids: list[int], *, param: str) -> list[int]:
@@ -339,10 +398,11 @@ def _checked_ids(ids: list[int], *, param: str) -> list[int]:
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:
+    """The body as JSON, at most ``MAX_BODY_BYTES`` (413 beyond, told by Content-Length or counted)."""
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as error:
-        raise OpenAIError(413, f"the request body is too large: {error.text}", code="request_too_large") from None
+        raw = await read_body(request, limit=MAX_BODY_BYTES)
+    except ApiError as error:  # the resource API's Status error; /v1 answers in OpenAI's shape
+        raise OpenAIError(error.code, f"the {error.message}", code="request_too_large") from None
     return parse_json_body(raw)
 
 

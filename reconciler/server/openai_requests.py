@@ -2,7 +2,12 @@
 
 Every problem is a 400 ``OpenAIError`` that names the field (``param``). Fields that this server
 does not know are ignored, as OpenAI clients send many; fields whose non-default values it
-cannot honour (n > 1, logprobs, tools, ...) are refused rather than silently dropped.
+cannot honour (n > 1, logprobs, tools, ...) are refused rather than silently dropped. Sampling
+fields are checked by the data path's own ``SamplingParams``, so what passes here runs there.
+
+``max_tokens`` is checked against the model's context length once the prompt is tokenized
+(``completion_budget``); when a request does not give it, it defaults to
+``DEFAULT_MAX_TOKENS`` cut to what fits after the prompt.
 """
 from __future__ import annotations
 
@@ -10,10 +15,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from reconciler.inference.backend import SamplingParams
 from reconciler.server.openai_errors import OpenAIError
 
 DEFAULT_MAX_TOKENS = 512
+MAX_TOKENS_LIMIT = (1 << 31) - 1   # beyond any context; the real bound is the model's context length
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+SAMPLING_FIELDS = ("temperature", "top_p", "seed")
 MAX_STOP_STRINGS = 4
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -22,6 +32,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 class GenerationOptions:
     model: str
     params: SamplingParams
+    max_tokens: int | None     # None: not given (see completion_budget)
+    max_tokens_field: str      # the field clients set it with, for errors
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -91,30 +103,85 @@ def _options(body: dict[str, Any], *, max_tokens_fields: tuple[str, ...]) -> Gen
         if not isinstance(stream_options, dict):
             raise bad_field("stream_options", "must be an object", stream_options)
         include_usage = _boolean(stream_options, "include_usage", default=False, path="stream_options.")
-    params = SamplingParams(
-        max_tokens=_max_tokens(body, max_tokens_fields),
-        temperature=_number(body, "temperature", default=1.0, minimum=0.0, maximum=2.0),
-        top_p=_number(body, "top_p", default=1.0, minimum=0.0, maximum=1.0),
-        seed=_seed(body),
-    )
-    return GenerationOptions(model=model, params=params, stop=_stops(body), stream=stream,
+    max_tokens_field = next((f for f in max_tokens_fields if body.get(f) is not None), max_tokens_fields[-1])
+    max_tokens = _integer(body, max_tokens_field, default=None, minimum=1, maximum=MAX_TOKENS_LIMIT)
+    return GenerationOptions(model=model, params=sampling_params(body), max_tokens=max_tokens,
+                             max_tokens_field=max_tokens_field, stop=_stops(body), stream=stream,
                              include_usage=include_usage)
 
 
-def _max_tokens(body: dict[str, Any], fields: tuple[str, ...]) -> int:
-    for field in fields:
-        if body.get(field) is not None:
-            return _integer(body, field, default=DEFAULT_MAX_TOKENS, minimum=1)
-    return DEFAULT_MAX_TOKENS
+def sampling_params(body: dict[str, Any]) -> SamplingParams:
+    """The request's sampling fields, checked by ``SamplingParams`` itself (OpenAI's default
+    temperature is 1)."""
+    fields = {field: body[field] for field in SAMPLING_FIELDS if body.get(field) is not None}
+    fields.setdefault("temperature", OPENAI_DEFAULT_TEMPERATURE)
+    try:
+        return SamplingParams(**fields)
+    except ValidationError as error:
+        raise validation_failed(error, fields) from None
 
 
-def _seed(body: dict[str, Any]) -> int | None:
-    seed = body.get("seed")
-    if seed is None:
+def validation_failed(error: ValidationError, fields: dict[str, Any]) -> OpenAIError:
+    """The first problem of a SamplingParams ValidationError as a 400 naming the field, worded
+    from the field's own bounds ("must be a number from 0 to 2")."""
+    first = error.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or "body"
+    rule = _field_rule(param) or first["msg"][:1].lower() + first["msg"][1:]
+    return bad_field(param, rule, fields.get(param), show_value=param in fields)
+
+
+def _field_rule(name: str) -> str | None:
+    info = SamplingParams.model_fields.get(name)
+    if info is None:
         return None
-    if not _is_int(seed) or not -2**63 <= seed < 2**64:
-        raise bad_field("seed", "must be an integer", seed)
-    return seed % 2**64  # mx.random.seed takes an unsigned 64-bit value
+    bounds = {key: getattr(bound, key) for bound in info.metadata for key in ("ge", "gt", "le", "lt")
+              if hasattr(bound, key)}
+    integer = "int" in str(info.annotation)
+    low = bounds.get("ge", bounds.get("gt"))
+    high = bounds.get("le", bounds["lt"] - 1 if integer and "lt" in bounds else bounds.get("lt"))
+    if integer:
+        return f"must be an integer from {low} to {high}"
+    return f"must be a number from {low:g} to {high:g}"
+
+
+def completion_budget(*, prompt_tokens: int, options: GenerationOptions, context_length: int | None,
+                      prompt_param: str) -> int:
+    """How many tokens the completion may have: ``max_tokens``, or the default cut to what fits
+    after the prompt. A 400 (OpenAI's code ``context_length_exceeded``) when they do not fit."""
+    requested = options.max_tokens
+    if context_length is None:
+        return DEFAULT_MAX_TOKENS if requested is None else requested
+    if requested is None:
+        if prompt_tokens >= context_length:
+            raise _context_exceeded(f"prompt has {prompt_tokens} tokens: the model's context length is "
+                                    f"{context_length}, which leaves no room for a completion", prompt_param)
+        return min(DEFAULT_MAX_TOKENS, context_length - prompt_tokens)
+    if prompt_tokens + requested > context_length:
+        param = prompt_param if prompt_tokens >= context_length else options.max_tokens_field
+        raise _context_exceeded(f"prompt has {prompt_tokens} tokens and {options.max_tokens_field} is {requested}: "
+                                f"{prompt_tokens + requested} exceed the model's context length of {context_length}",
+                                param)
+    return requested
+
+
+def refuse_surely_too_long(*, chars: int, max_token_chars: int, options: GenerationOptions,
+                           context_length: int | None, prompt_param: str) -> None:
+    """Refuse, before tokenizing, a text so long it cannot fit: a token covers at most
+    ``max_token_chars`` characters (its longest vocabulary entry), halved for normalizers that
+    merge characters. Texts near the bound are left to the exact count after tokenization."""
+    if context_length is None or max_token_chars < 1:
+        return
+    at_least = chars // (2 * max_token_chars)
+    if at_least == 0 or at_least + (options.max_tokens or 1) <= context_length:
+        return
+    asked = f" and {options.max_tokens_field} is {options.max_tokens}" if options.max_tokens else ""
+    param = prompt_param if at_least >= context_length else options.max_tokens_field
+    raise _context_exceeded(f"prompt has at least {at_least} tokens ({chars} characters){asked}: more than the "
+                            f"model's context length of {context_length} allows", param)
+
+
+def _context_exceeded(message: str, param: str) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code="context_length_exceeded")
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
@@ -196,24 +263,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _integer(body: dict[str, Any], field: str, *, default: int, minimum: int) -> int:
+def _integer(body: dict[str, Any], field: str, *, default: Any, minimum: int, maximum: int | None = None) -> Any:
     value = body.get(field)
     if value is None:
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if maximum is not None and _is_int(value) and value > maximum:
+        raise bad_field(field, f"must be an integer from {minimum} to {maximum}", value)
     if not _is_int(value) or value < minimum:
         raise bad_field(field, f"must be an integer >= {minimum}", value)
     return value
-
-
-def _number(body: dict[str, Any], field: str, *, default: float, minimum: float, maximum: float) -> float:
-    value = body.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum:
-        raise bad_field(field, f"must be a number from {minimum:g} to {maximum:g}", value)
-    return float(value)
 
 
 def _boolean(body: dict[str, Any], field: str, *, default: bool, path: str = "") -> bool:

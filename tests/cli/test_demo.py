@@ -1,5 +1,6 @@
 """``exoctl demo`` as a user runs it: a subprocess with its own HOME, a second ``exoctl`` that needs
-no flags while it serves, and Ctrl-C that stops every node and puts the config file back."""
+no flags while it serves, Ctrl-C that stops every node and puts the config file back, and a
+demo started again at once on the same ports (their TIME-WAIT connections do not block it)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster import free_port_block
+from exo_ctl.cli.demo import port_in_use
+from tests.cluster import free_port_block, time_wait_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 EXOCTL = [sys.executable, "-m", "exo_ctl.cli.main"]
@@ -70,7 +72,8 @@ def node_processes(data_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_until_ctrl_c(user_env, tmp_path):
+def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_until_ctrl_c_and_starts_again_at_once(
+        user_env, tmp_path):
     config_file = tmp_path / "config" / "exoctl" / "config.yaml"
     config_file.parent.mkdir(parents=True)
     config_file.write_text("server: http://127.0.0.1:1\ntoken: the-users-own\n")
@@ -109,6 +112,63 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
     assert not [line for line in seen if "warning" in line or "Traceback" in line]
     assert node_processes(data_dir) == []
     assert config_file.read_bytes() == before
+
+    # Started again at once: the ports still hold TIME-WAIT connections, and that must not matter.
+    assert time_wait_ports(range(port, port + 9)), "the first demo should leave connections in TIME-WAIT"
+    again = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
+    seen_again: list[str] = []
+    try:
+        lines_again = lines_of(again)
+        wait_for_line(lines_again, "serving at", seen_again, timeout=120)
+        again.send_signal(signal.SIGINT)
+        wait_for_line(lines_again, "exoctl demo: stopped 3 nodes", seen_again, timeout=30)
+        assert again.wait(30) == 0
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.wait()
+        print("".join(seen_again))
+    assert node_processes(data_dir) == []
+
+
+def time_wait_port() -> int:
+    """A port whose server is gone while its last connection sits in TIME-WAIT on the server's
+    side (the server closed first), as a stopped demo leaves its ports."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()
+            assert client.recv(1) == b""
+    deadline = time.monotonic() + 5
+    while not time_wait_ports(range(port, port + 1)):
+        assert time.monotonic() < deadline, f"port {port} never reached TIME-WAIT"
+        time.sleep(0.01)
+    return port
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_is_free_for_the_demo():
+    port = time_wait_port()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the check did before: "already in use" for a minute
+    assert not port_in_use(port)
+    with socket.socket() as server:  # and a node really can listen there
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+
+@pytest.mark.parametrize("reuse_address", [False, True], ids=["plain", "SO_REUSEADDR"])
+def test_a_port_with_a_live_listener_is_in_use_for_the_demo(reuse_address):
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert port_in_use(listener.getsockname()[1])
 
 
 def test_the_demo_refuses_a_taken_port_with_one_clear_line(user_env, tmp_path):

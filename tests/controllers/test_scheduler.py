@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from examples.build_model import build_model
-from reconciler.controllers.scheduler import SchedulerController
+from exo_ctl.api.resources import ModelDeployment
+from reconciler.controllers.scheduler import MAX_NAME, SchedulerController, shard_name
 from reconciler.store.base import make_command
 from reconciler.store.memory import MemoryStore
 
@@ -24,9 +25,9 @@ def node_body(name, memory=8 * GiB, ready="True"):
                        "conditions": [{"type": "Ready", "status": ready}]}}
 
 
-def md_body(source, strategy="Spread", name="tiny"):
+def md_body(source, strategy="Spread", name="tiny", namespace="default"):
     return {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": name, "namespace": namespace},
             "spec": {"model": {"source": str(source)}, "placement": {"strategy": strategy}}}
 
 
@@ -38,8 +39,8 @@ def shards(store):
     return sorted(store.list("Shard")[0], key=lambda s: s["spec"]["index"])
 
 
-def condition(store, kind, name="tiny"):
-    md = store.get(("ModelDeployment", "default", name))
+def condition(store, kind, name="tiny", namespace="default"):
+    md = store.get(("ModelDeployment", namespace, name))
     return {c["type"]: c for c in md["status"]["conditions"]}[kind]
 
 
@@ -150,3 +151,52 @@ async def test_a_missing_model_is_looked_for_again_after_the_retry_interval(tmp_
     now[0] = 10.0
     await scheduler.reconcile()
     assert len(shards(store)) == 1 and condition(store, "Ready")["reason"] == "ShardsLoading"
+
+
+async def apply_md(store, source, *, name, namespace="default", strategy="Pack"):
+    body = md_body(source, strategy=strategy, name=name, namespace=namespace)
+    await store.submit(make_command("apply", ("ModelDeployment", namespace, name), body=body))
+
+
+def owners(store):
+    return {s["metadata"]["name"]: s["spec"]["deployment"] for s in store.list("Shard")[0]}
+
+
+async def test_a_dotted_name_in_default_and_the_same_words_split_by_namespace_both_get_shards(tiny_model):
+    store = MemoryStore()
+    await add_node(store, "a")
+    await apply_md(store, tiny_model, name="a.b")
+    await apply_md(store, tiny_model, name="a", namespace="b")
+    await SchedulerController(store=store).reconcile()
+    names = owners(store)
+    assert sorted(names.values()) == ["b/a", "default/a.b"]
+    assert names["a.b-r0-s0"] == "default/a.b"
+    assert condition(store, "Ready", name="a", namespace="b")["reason"] == "ShardsLoading"
+    assert condition(store, "Ready", name="a.b")["reason"] == "ShardsLoading"
+
+
+def test_shard_names_stay_readable_and_within_the_dns_limit():
+    def named(name, namespace):
+        return ModelDeployment.model_validate(md_body("/m", name=name, namespace=namespace))
+
+    assert shard_name(named("tiny", "default"), 1, 2) == "tiny-r1-s2"
+    assert shard_name(named("a", "b"), 0, 0).startswith("a.b-") and shard_name(named("a", "b"), 0, 0).endswith("-r0-s0")
+    assert shard_name(named("a", "b"), 0, 0) != shard_name(named("a.b", "default"), 0, 0)
+    long_names = {shard_name(named("x" * 250 + tail, "team"), 0, 0) for tail in ("a", "b")}
+    assert len(long_names) == 2 and all(len(n) <= MAX_NAME for n in long_names)
+
+
+async def test_a_shard_name_held_by_another_deployment_is_reported_not_taken(tiny_model):
+    store = MemoryStore()
+    await add_node(store, "a")
+    await apply_md(store, tiny_model, name="a", namespace="b")
+    scheduler = SchedulerController(store=store)
+    await scheduler.reconcile()
+    taken = next(iter(owners(store)))
+    clash = taken.removesuffix("-r0-s0")  # a default-namespace name spelling the same shard name
+    await apply_md(store, tiny_model, name=clash)
+    await scheduler.reconcile()
+    assert owners(store) == {taken: "b/a"}
+    ready = condition(store, "Ready", name=clash)
+    assert ready["status"] == "False" and ready["reason"] == "ShardNameConflict"
+    assert taken in ready["message"] and "b/a" in ready["message"]

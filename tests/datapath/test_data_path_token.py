@@ -41,3 +41,17 @@ async def test_a_refused_peer_never_gets_an_answer_to_its_frames(tiny_model, sta
         await writer.drain()
         assert await asyncio.wait_for(reader.read(HEADER.size), 5) == b""  # closed, no PONG
         writer.close()
+
+
+async def test_connections_beyond_the_limit_waiting_for_hello_are_dropped_at_once(tiny_model, stages):
+    from reconciler.datapath.stage import MAX_UNAUTHENTICATED
+
+    async with stages(tiny_model, [(0, 6)], token="s3cret") as running:
+        address = running.route[0]
+        waiting = [await asyncio.open_connection(address.host, address.port) for _ in range(MAX_UNAUTHENTICATED)]
+        await asyncio.sleep(0.3)  # every one of them is now waiting for its HELLO
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        assert await asyncio.wait_for(reader.read(HEADER.size), 5) == b""  # dropped before the HELLO deadline
+        assert not any(r.at_eof() for r, _ in waiting)
+        for _, w in waiting + [(reader, writer)]:
+            w.close()

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from reconciler.datapath.pipeline import PipelineClient, PipelineError
+from reconciler.datapath.pipeline import PipelineClient, RouteError
 from reconciler.datapath.stage import StageServer
 from reconciler.datapath.wire import StageAddress
 
@@ -17,7 +17,7 @@ async def test_each_heartbeat_answer_reports_half_its_round_trip_as_one_hop() ->
         client.hop_observer = hops.append
         try:
             # A stage serving no shard refuses the request, but the connection stays open.
-            with pytest.raises(PipelineError, match="not served here"):
+            with pytest.raises(RouteError, match="not served here"):
                 async for _ in client.generate([StageAddress(host="127.0.0.1", port=server.port, shard="none")],
                                                [1, 2], max_tokens=1):
                     pass

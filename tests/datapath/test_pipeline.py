@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from reconciler.datapath import PipelineClient, PipelineError, StageAddress, StageLost
+from reconciler.datapath import PipelineClient, RouteError, StageAddress, StageLost
 
 PROMPT = [1, 5, 9, 33, 7, 100, 42, 8, 9, 10, 11]
 SPLITS = {
@@ -134,8 +134,8 @@ async def test_a_route_to_an_unreachable_port_fails_with_the_stage_named():
 async def test_an_unknown_shard_or_a_route_that_ends_early_is_refused_by_the_stage(tiny_model, stages):
     async with stages(tiny_model, SPLITS[2]) as running, PipelineClient() as client:
         wrong_name = [running.route[0].model_copy(update={"shard": "nope"}), running.route[1]]
-        with pytest.raises(PipelineError, match="shard 'nope' is not served here"):
+        with pytest.raises(RouteError, match="shard 'nope' is not served here"):
             await collect(client, wrong_name, PROMPT, max_tokens=4)
-        with pytest.raises(PipelineError, match=r"layers \[0, 3\) of 6, but the route has no next stage"):
+        with pytest.raises(RouteError, match=r"layers \[0, 3\) of 6, but the route has no next stage"):
             await collect(client, running.route[:1], PROMPT, max_tokens=4)
         assert await wait_until(lambda: running.active_requests() == [0, 0])

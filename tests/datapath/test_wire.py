@@ -105,3 +105,23 @@ async def test_frames_written_to_a_stream_are_read_back_in_order_then_eof_is_rep
     await asyncio.wait_for(done.wait(), 5)
     server.close()
     assert received == frames
+
+
+def test_a_header_claiming_more_data_than_any_frame_may_carry_is_refused_before_its_body_is_read():
+    from reconciler.datapath.wire import MAX_DATA_BYTES, decode_header
+
+    head, _ = encode_frame(Frame(Kind.FORWARD, 1, tensor=Tensor("int32", (1,), bytes(4))))
+    huge = head[: HEADER.size - 8] + (MAX_DATA_BYTES + 1).to_bytes(8, "big")
+    with pytest.raises(WireError, match=f"at most {MAX_DATA_BYTES}"):
+        decode_header(huge)
+
+
+@pytest.mark.parametrize("meta", [b"[1]", b'"s3cret"', b'{"token": "wrong"}', b"\xff"])
+async def test_a_hello_with_malformed_or_wrong_metadata_is_refused_with_a_wire_error(meta):
+    from reconciler.datapath.wire import check_hello
+
+    reader = asyncio.StreamReader()
+    head, _ = encode_frame(Frame(Kind.HELLO, 0, meta={"x": 1}))
+    reader.feed_data(head[: HEADER.size - 12] + len(meta).to_bytes(4, "big") + bytes(8) + meta)
+    with pytest.raises(WireError):
+        await check_hello(reader, token="s3cret", timeout_s=1)

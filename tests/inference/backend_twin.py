@@ -13,19 +13,20 @@ class ScriptedModel:
     ``fail_after`` tokens and wait ``pause_s`` before each token. It records every request."""
 
     def __init__(self, tokenizer: Any, script: list[int], *, fail_after: int | None = None,
-                 pause_s: float = 0.0) -> None:
+                 pause_s: float = 0.0, context_length: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.context_length = context_length
         self.script = list(script)
         self.fail_after = fail_after
         self.pause_s = pause_s
-        self.requests: list[tuple[list[int], SamplingParams]] = []
+        self.requests: list[tuple[list[int], SamplingParams, int]] = []
         self.produced = 0
         self.cancelled = asyncio.Event()  # set when a consumer closed the stream before its end
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        self.requests.append((list(prompt_ids), params))
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> AsyncIterator[int]:
+        self.requests.append((list(prompt_ids), params, max_tokens))
         try:
-            for index, token in enumerate(self.script[:params.max_tokens]):
+            for index, token in enumerate(self.script[:max_tokens]):
                 if index == self.fail_after:
                     raise PipelineError("stage 1 on node-b stopped answering")
                 if self.pause_s:

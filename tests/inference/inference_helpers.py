@@ -13,15 +13,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class NodeLikeServer(TestServer):
-    """Like the node's ``AppRunner``, does not cancel a handler when its client leaves (aiohttp's
-    TestServer does), so the API must notice departures itself."""
+    """Like the node's ``AppRunner``: a handler is cancelled when its client leaves."""
 
     async def _make_runner(self, **kwargs):
-        kwargs["handler_cancellation"] = False
+        kwargs["handler_cancellation"] = True
         return await super()._make_runner(**kwargs)
 
 
-async def serve(backend, *, metrics: NodeMetrics | None = None) -> TestClient:
+async def serve(backend, *, metrics: NodeMetrics | None = None, **limits: int) -> TestClient:
+    """``limits``: add_openai_routes's max_concurrent / max_queued."""
     app = create_app(store=MemoryStore(), token=TOKEN, node_name="node-a")
-    add_openai_routes(app, backend=backend, metrics=metrics)
+    add_openai_routes(app, backend=backend, metrics=metrics, **limits)
     return TestClient(NodeLikeServer(app, host="127.0.0.1"))

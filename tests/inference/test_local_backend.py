@@ -35,8 +35,8 @@ def mlx_lm_tokens(reference, prompt_ids: list[int], *, max_tokens: int, temperat
                                              sampler=make_sampler(temp=temperature))]
 
 
-async def collect(handle, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-    return [token async for token in handle.generate(prompt_ids, params)]
+async def collect(handle, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> list[int]:
+    return [token async for token in handle.generate(prompt_ids, params, max_tokens=max_tokens)]
 
 
 async def test_models_are_pending_then_ready_or_failed_with_the_reason(tiny_model_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_served_names_must_name_a_model(tiny_model_dir):
 async def test_greedy_generation_matches_mlx_lm_token_for_token(backend, reference):
     handle = backend.resolve("exo/tiny")
     prompt = handle.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    tokens = await collect(handle, prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    tokens = await collect(handle, prompt, SamplingParams(temperature=0.0), max_tokens=12)
     assert tokens == mlx_lm_tokens(reference, prompt, max_tokens=12)
     assert len(tokens) == 12
 
@@ -76,8 +76,8 @@ async def test_greedy_generation_matches_mlx_lm_token_for_token(backend, referen
 async def test_a_seed_draws_what_mlx_lm_draws_after_mx_random_seed_even_with_requests_in_parallel(backend, reference):
     handle = backend.resolve("tiny")
     prompt = handle.tokenizer.encode("Once upon a time")
-    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=seed) for seed in (7, 8)]
-    first, second = await asyncio.gather(*(collect(handle, prompt, p) for p in params))
+    params = [SamplingParams(temperature=1.0, seed=seed) for seed in (7, 8)]
+    first, second = await asyncio.gather(*(collect(handle, prompt, p, max_tokens=10) for p in params))
     assert first == mlx_lm_tokens(reference, prompt, max_tokens=10, temperature=1.0, seed=7)
     assert second == mlx_lm_tokens(reference, prompt, max_tokens=10, temperature=1.0, seed=8)
     assert first != second
@@ -86,10 +86,10 @@ async def test_a_seed_draws_what_mlx_lm_draws_after_mx_random_seed_even_with_req
 async def test_closing_a_generation_early_frees_the_model_for_the_next_request(backend):
     handle = backend.resolve("tiny")
     prompt = handle.tokenizer.encode("Hello")
-    tokens = handle.generate(prompt, SamplingParams(max_tokens=500, temperature=0.0))
+    tokens = handle.generate(prompt, SamplingParams(temperature=0.0), max_tokens=500)
     async with contextlib.aclosing(tokens):
         assert [await anext(tokens), await anext(tokens)]
-    after = await asyncio.wait_for(collect(handle, prompt, SamplingParams(max_tokens=3, temperature=0.0)), 30)
+    after = await asyncio.wait_for(collect(handle, prompt, SamplingParams(temperature=0.0), max_tokens=3), 30)
     assert len(after) == 3
 
 
@@ -103,6 +103,6 @@ async def test_mlx_work_runs_on_the_compute_thread_not_the_event_loop(backend, m
 
     monkeypatch.setattr(local_module, "_start_generation", recording)
     handle = backend.resolve("tiny")
-    await collect(handle, handle.tokenizer.encode("Hi"), SamplingParams(max_tokens=2, temperature=0.0))
+    await collect(handle, handle.tokenizer.encode("Hi"), SamplingParams(temperature=0.0), max_tokens=2)
     assert threads and threads[0] is not threading.current_thread()
     assert threads[0].name.startswith("mlx-local-backend")

@@ -59,9 +59,9 @@ async def test_chat_completion_renders_messages_through_the_chat_template(client
         "seed": 42, "user": "someone"})
     assert response.status == 200
     body = await response.json()
-    prompt_ids, params = twin.handles["tiny"].requests[0]
+    prompt_ids, params, max_tokens = twin.handles["tiny"].requests[0]
     assert prompt_ids == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (5, 0.3, 0.9, 42)
+    assert (max_tokens, params.temperature, params.top_p, params.seed) == (5, 0.3, 0.9, 42)
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "tiny"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": script_text(twin, 5)},
                                 "logprobs": None, "finish_reason": "length"}]

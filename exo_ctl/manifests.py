@@ -15,6 +15,7 @@ from exo_ctl.api.resources import KINDS, KindInfo, object_key
 from exo_ctl.api.validation import InvalidObject, normalize
 
 MAX_FILE_BYTES = 1024 * 1024
+MAX_EXPANDED_NODES = 100_000  # YAML nodes a document may expand to through its aliases
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 STDIN = "-"
 
@@ -123,22 +124,47 @@ def read_source(path: Path) -> str:
 
 # --- parsing ---------------------------------------------------------------------------------
 
-def _check_duplicate_keys(node: yaml.Node, source: str) -> None:
+def _mapping_keys(node: yaml.Node, source: str) -> None:
     """YAML silently keeps the last of two equal keys; a manifest with one is a mistake."""
-    stack = [node]
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ManifestError([f'{source}:{line}: duplicate key "{key.value}" (first at line {seen[key.value]})'])
+            seen[key.value] = line
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_node_graph(root: yaml.Node, source: str) -> None:
+    """Duplicate keys, and aliases that refer to themselves or expand to more than
+    MAX_EXPANDED_NODES nodes (an "alias bomb"); each node is visited once, without recursion."""
+    expanded: dict[int, int] = {}
+    open_nodes: set[int] = set()   # the nodes whose subtree is being walked: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
-        current = stack.pop()
-        if isinstance(current, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, value in current.value:
-                if isinstance(key, yaml.ScalarNode):
-                    line = key.start_mark.line + 1
-                    if key.value in seen:
-                        raise ManifestError([f'{source}:{line}: duplicate key "{key.value}" (first at line {seen[key.value]})'])
-                    seen[key.value] = line
-                stack.append(value)
-        elif isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
+        node, walked = stack.pop()
+        if walked:
+            open_nodes.discard(id(node))
+            expanded[id(node)] = size = 1 + sum(expanded[id(child)] for child in _children(node))
+            if size > MAX_EXPANDED_NODES:
+                raise ManifestError([f"{source}:{node.start_mark.line + 1}: its aliases expand to more than "
+                                     f"{MAX_EXPANDED_NODES} YAML nodes"])
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in open_nodes:
+            raise ManifestError([f"{source}:{node.start_mark.line + 1}: an alias refers to a node that contains it"])
+        if isinstance(node, yaml.MappingNode):
+            _mapping_keys(node, source)
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in expanded)
 
 
 def _yaml_documents(text: str, source: str) -> list[Document]:
@@ -149,7 +175,7 @@ def _yaml_documents(text: str, source: str) -> list[Document]:
             node = loader.get_node()
             if node is None:
                 continue
-            _check_duplicate_keys(node, source)
+            _check_node_graph(node, source)
             documents.append(Document(loader.construct_document(node), node, source))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -157,6 +183,10 @@ def _yaml_documents(text: str, source: str) -> list[Document]:
         problem = error.problem or error.context or "invalid YAML"
         raise ManifestError([f"{where}: invalid YAML: {problem}"]) from None
     except yaml.YAMLError as error:
+        raise ManifestError([f"{source}: invalid YAML: {error}"]) from None
+    except ManifestError:
+        raise
+    except ValueError as error:  # a scalar the constructor cannot convert (an integer of 5,000 digits)
         raise ManifestError([f"{source}: invalid YAML: {error}"]) from None
     finally:
         loader.dispose()
@@ -168,6 +198,10 @@ def _json_documents(text: str, source: str) -> list[Document]:
         data = json.loads(text) if text.strip() else None
     except json.JSONDecodeError as error:
         raise ManifestError([f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}"]) from None
+    except ValueError as error:  # an integer of 5,000 digits
+        raise ManifestError([f"{source}: invalid JSON: {error}"]) from None
+    except RecursionError:
+        raise ManifestError([f"{source}: invalid JSON: nested too deeply"]) from None
     node = None
     try:  # JSON is (nearly always) YAML: compose it only to learn the line of each field.
         node = yaml.compose(text, Loader=_Loader)

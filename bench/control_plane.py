@@ -1,6 +1,7 @@
 """Control-plane benchmark: local ``exo`` nodes on 127.0.0.1.
 
-    uv run python bench/control_plane.py [--applies 300] [--trials 5] [--only writes|membership]
+    uv run python -m bench.control_plane [--applies 300] [--trials 5] [--only writes|membership]
+    uv run python -m bench.control_plane --smoke   # a few applies, one trial of each (CI)
 
 Writes: sequential applies/s and p50/p99 apply latency through the HTTP API (PATCH apply over a
 keep-alive connection, to the leader and to a follower), and leader failover after kill -9: the
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import print_table  # noqa: E402
 from tests.cluster import Cluster, ExoProcess, start_cluster  # noqa: E402
 from tests.e2e.membership_helpers import NODES, log_times, ready_by_node, unique_secret  # noqa: E402
 
@@ -169,13 +171,12 @@ def run_writes(args: argparse.Namespace) -> None:
         finally:
             cluster.close()
 
-    print(f"control plane, 3 nodes on 127.0.0.1, {args.applies} sequential applies each")
-    print(f"{'path':<14} {'applies/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-    for label, rate, p50, p99 in rows:
-        print(f"{label:<14} {rate:>10.0f} {p50:>8.2f} {p99:>8.2f}")
-    print(f"leader failover after kill -9 (write accepted by a survivor), {args.trials} trials:")
-    print(f"  {summary(failovers)}")
-    print("targets: p50 apply <= 5 ms, failover median <= 2 s")
+    table = [(f"sequential applies {label} ({args.applies})", f"{rate:.0f}/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+             for label, rate, p50, p99 in rows]
+    table.append((f"leader failover after kill -9 (a survivor accepts a write), {args.trials} trials",
+                  summary(failovers)))
+    print_table("control plane, 3 nodes on 127.0.0.1 (targets: p50 apply <= 5 ms, failover median <= 2 s)",
+                ["what", "measured"], table)
 
 
 def summary(values: list[float]) -> str:
@@ -187,22 +188,26 @@ def run_membership(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
         formations = [measure_formation(args.nodes, Path(tmp) / f"formation{i}")
                       for i in range(args.formation_trials)]
-        cluster = start_cluster(3, Path(tmp) / "liveness", secret=unique_secret(), discovery=True,
-                                extra_args=["--node-timeout", f"{args.node_timeout:g}"])
-        try:
-            not_ready = [measure_not_ready(cluster) for _ in range(args.trials)]
-        except BaseException:
-            print(cluster.logs(), file=sys.stderr)
-            raise
-        finally:
-            cluster.close()
-    print("zero-config membership on 127.0.0.1 (mDNS, no --peers)")
-    print(f"start of {args.nodes} processes -> one Ready cluster, {args.formation_trials} trials: "
-          f"{summary([total for total, _ in formations])}")
-    print(f"first mDNS announcement -> one Ready cluster, same trials: "
-          f"{summary([since for _, since in formations])}")
-    print(f"kill -9 of a follower -> its Node NotReady (--node-timeout {args.node_timeout:g}), "
-          f"{args.trials} trials: {summary(not_ready)}")
+        not_ready = [] if args.smoke else liveness(args, Path(tmp) / "liveness")
+    print_table("zero-config membership on 127.0.0.1 (mDNS, no --peers)", ["what", "measured"], [
+        (f"start of {args.nodes} processes -> one Ready cluster, {args.formation_trials} trials",
+         summary([total for total, _ in formations])),
+        ("first mDNS announcement -> one Ready cluster, same trials", summary([since for _, since in formations])),
+        (f"kill -9 of a follower -> its Node NotReady (--node-timeout {args.node_timeout:g}), {args.trials} trials",
+         summary(not_ready) if not_ready else "not measured with --smoke"),
+    ])
+
+
+def liveness(args: argparse.Namespace, root: Path) -> list[float]:
+    cluster = start_cluster(3, root, secret=unique_secret(), discovery=True,
+                            extra_args=["--node-timeout", f"{args.node_timeout:g}"])
+    try:
+        return [measure_not_ready(cluster) for _ in range(args.trials)]
+    except BaseException:
+        print(cluster.logs(), file=sys.stderr)
+        raise
+    finally:
+        cluster.close()
 
 
 def main() -> int:
@@ -213,7 +218,10 @@ def main() -> int:
     parser.add_argument("--formation-trials", type=int, default=3)
     parser.add_argument("--node-timeout", type=float, default=3.0)
     parser.add_argument("--only", choices=["writes", "membership"])
+    parser.add_argument("--smoke", action="store_true", help="10 applies, one failover, one 2-node formation")
     args = parser.parse_args()
+    if args.smoke:
+        args.applies, args.trials, args.nodes, args.formation_trials = 10, 1, 2, 1
     if args.only != "membership":
         run_writes(args)
     if args.only != "writes":

@@ -5,6 +5,7 @@ prompt ids; the added latency per stage hop; peak RSS of each stage process agai
 process; aggregate tokens/s with 1, 2 and 4 concurrent requests.
 
     uv run python -m bench.pipeline [--tokens 128] [--concurrent-tokens 48]
+    uv run python -m bench.pipeline --smoke   # tiny model, 2 stages, a few tokens (CI)
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.report import print_table
 from examples.build_model import build_model
+from reconciler.node import data_path_token
 from tests.cluster import ExoProcess, start_cluster
 from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
 
@@ -86,18 +89,20 @@ def aggregate(node: ExoProcess, ids: list[int], tokens: int, concurrent: int) ->
     return sum(r["tokens"] for r in results) / (time.perf_counter() - start)
 
 
-def hop_latency(shards: list[dict[str, Any]], *, pings: int = 200) -> float:
+def hop_latency(shards: list[dict[str, Any]], *, secret: str, pings: int = 200) -> float:
     """Median one-way latency (half a PING/PONG round trip) from this process to each stage
-    server, in seconds: the network and event-loop cost of one hop, without any compute."""
+    server, in seconds: the network and event-loop cost of one hop, without any compute. Each
+    connection opens with the cluster's data-path HELLO, as a peer stage's would."""
     import asyncio
 
-    from reconciler.datapath.wire import Frame, Kind, open_connection, read_frame, write_frame
+    from reconciler.datapath.wire import Frame, Kind, hello_frame, open_connection, read_frame, write_frame
 
     async def measure(endpoint: str) -> list[float]:
         host, _, port = endpoint.rpartition(":")
         reader, writer = await open_connection(host, int(port), timeout_s=3.0)
         samples = []
         try:
+            write_frame(writer, hello_frame(data_path_token(secret)))
             for _ in range(pings):
                 start = time.perf_counter()
                 write_frame(writer, Frame(Kind.PING, 0))
@@ -131,7 +136,8 @@ def rss(pid: int) -> int:
 
 
 def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurrent_tokens: int,
-             root: Path) -> dict[str, Any]:
+             root: Path, repeats: int = 3, concurrency: tuple[int, ...] = (1, 2, 4),
+             pings: int = 200) -> dict[str, Any]:
     cluster = start_cluster(stages, root / f"stages{stages}")
     try:
         wait_nodes_ready(cluster, stages)
@@ -139,9 +145,9 @@ def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurren
         baseline = {n.name: rss(n.proc.pid) for n in cluster.nodes}
         apply(entry, "bench", model)
         shards = wait_serving(entry, "bench", stages=stages, timeout=120)
-        hop = hop_latency(shards)
+        hop = hop_latency(shards, secret=cluster.secret, pings=pings)
         stream_completion(entry, ids, 8)  # warm-up
-        runs = [stream_completion(entry, ids, tokens) for _ in range(3)]
+        runs = [stream_completion(entry, ids, tokens) for _ in range(repeats)]
         best = max(runs, key=lambda r: r["decode_tps"])
         result: dict[str, Any] = {
             "stages": stages, "hop_ms_ping": hop * 1000, "ttft": statistics.median(r["ttft"] for r in runs),
@@ -149,11 +155,14 @@ def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurren
             "tokens": best["tokens"],
             "layers": [f"{s['spec']['layers']['start']}-{s['spec']['layers']['end'] - 1}" for s in shards],
             "stage_nodes": [s["spec"]["nodeName"] for s in shards],
-            "aggregate_tps": {c: aggregate(entry, ids, concurrent_tokens, c) for c in (1, 2, 4)},
+            "aggregate_tps": {c: aggregate(entry, ids, concurrent_tokens, c) for c in concurrency},
         }
         result["peak_rss"] = {n.name: peak_rss(n.proc.pid) for n in cluster.nodes}
         result["baseline_rss"] = baseline
         return result
+    except BaseException:
+        print(cluster.logs(), file=sys.stderr)
+        raise
     finally:
         cluster.close()
 
@@ -162,27 +171,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrent-tokens", type=int, default=48)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 stages, a few tokens")
     args = parser.parse_args(argv)
-    model = build_model("small")
+    if args.smoke:
+        model, stage_counts, tokens, concurrent_tokens = build_model("tiny"), (2,), 6, 4
+        options: dict[str, Any] = {"repeats": 1, "concurrency": (1, 2), "pings": 20}
+    else:
+        model, stage_counts = build_model("small"), (1, 2, 3)
+        tokens, concurrent_tokens = args.tokens, args.concurrent_tokens
+        options = {}
     from mlx_lm.utils import load_tokenizer
 
     ids = list(load_tokenizer(model).encode(PROMPT))
-    report: dict[str, Any] = {"prompt_tokens": len(ids), "single": single_process(model, ids, args.tokens)}
+    report: dict[str, Any] = {"model": model.name, "prompt_tokens": len(ids),
+                              "single": single_process(model, ids, tokens)}
     print(json.dumps(report), flush=True)
     with tempfile.TemporaryDirectory(prefix="exo-bench-pipeline-") as tmp:
         report["pipelines"] = []
-        for stages in (1, 2, 3):
-            report["pipelines"].append(pipeline(model, ids, stages=stages, tokens=args.tokens,
-                                                concurrent_tokens=args.concurrent_tokens, root=Path(tmp)))
+        for stages in stage_counts:
+            report["pipelines"].append(pipeline(model, ids, stages=stages, tokens=tokens,
+                                                concurrent_tokens=concurrent_tokens, root=Path(tmp), **options))
             print(json.dumps(report["pipelines"][-1]), flush=True)
     single = report["single"]
     by_stages = {p["stages"]: p for p in report["pipelines"]}
     per_token = {k: 1 / p["decode_tps"] for k, p in by_stages.items()}
-    report["hop_ms_derived"] = {k: (per_token[k] - per_token[1]) / (k - 1) * 1000 for k in (2, 3)}
+    if 1 in per_token:
+        report["hop_ms_derived"] = {k: (per_token[k] - per_token[1]) / (k - 1) * 1000 for k in by_stages if k > 1}
     report["ratio_2stage_vs_single"] = by_stages[2]["decode_tps"] / single["decode_tps"]
     report["rss_ratio_2stage"] = {n: v / single["peak_rss"] for n, v in by_stages[2]["peak_rss"].items()}
     print(json.dumps(report, indent=1))
+    print_table(_title(report, tokens), ["", "single mlx_lm", *(f"{k} stage(s)" for k in by_stages)],
+                _rows(single, by_stages))
     return 0
+
+
+def _title(report: dict[str, Any], tokens: int) -> str:
+    return (f"pipeline: {report['model']} model, {tokens} greedy tokens, prompt {report['prompt_tokens']} ids, "
+            f"2 stages / single = {report['ratio_2stage_vs_single']:.2f}x")
+
+
+def _rows(single: dict[str, Any], by_stages: dict[int, dict[str, Any]]) -> list[list[str]]:
+    mib = 1 << 20
+    pipes = list(by_stages.values())
+    return [
+        ["decode tokens/s (best, median)", f"{single['decode_tps']:.2f}",
+         *(f"{p['decode_tps']:.2f} ({p['decode_tps_median']:.2f})" for p in pipes)],
+        ["time to first token", f"{single['ttft']:.2f} s", *(f"{p['ttft']:.2f} s" for p in pipes)],
+        ["one hop (PING/PONG / 2)", "-", *(f"{p['hop_ms_ping']:.2f} ms" for p in pipes)],
+        ["peak RSS per stage process", f"{single['peak_rss'] / mib:.0f} MiB",
+         *(" / ".join(f"{v / mib:.0f}" for v in p["peak_rss"].values()) + " MiB" for p in pipes)],
+        ["aggregate tokens/s by concurrency", "-",
+         *(" / ".join(f"{c}: {v:.2f}" for c, v in p["aggregate_tps"].items()) for p in pipes)],
+    ]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Data-path figures on loopback: per-hop latency of a hidden state, and decode tokens/s through
 1/2/3 pipeline stages against single-process mlx_lm on the tiny model.
 
-    uv run python bench/pipeline_hops.py [--model DIR] [--tokens 128]
+    uv run python -m bench.pipeline_hops [--model DIR] [--tokens 128]
+    uv run python -m bench.pipeline_hops --smoke   # a few tokens and hops (CI)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
+from bench.report import print_table
 from reconciler.datapath import PipelineClient, StageAddress, StageServer
 from reconciler.datapath.wire import Frame, Kind, Tensor, open_connection, read_frame, set_nodelay, write_frame
 from reconciler.runtime import open_shard
@@ -95,9 +97,10 @@ def splits(layers: int, stages: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-async def in_process_rows(model_path: Path, layers: int, tokens: int) -> list[tuple[str, float]]:
+async def in_process_rows(model_path: Path, layers: int, tokens: int, *,
+                          setups: tuple[tuple[int, int], ...]) -> list[tuple[str, float]]:
     rows = []
-    for stages, concurrent in ((1, 1), (2, 1), (3, 1), (3, 4)):
+    for stages, concurrent in setups:
         servers, shards = [], []
         for i, (start, end) in enumerate(splits(layers, stages)):
             shard = await open_shard(model_path, start=start, end=end)
@@ -149,28 +152,33 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model directory (default: examples.build_model tiny)")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--smoke", action="store_true", help="a few tokens and hops, 1 and 2 stages")
     args = parser.parse_args()
     model_path = resolve_model(args.model)
+    tokens = 6 if args.smoke else args.tokens
+    pings, prefill_pings = (50, 10) if args.smoke else (2000, 200)
+    setups = ((1, 1), (2, 1)) if args.smoke else ((1, 1), (2, 1), (3, 1), (3, 4))
     import json
 
     config = json.loads((model_path / "config.json").read_text())
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
 
     port, _ = start_echo_server()
-    print(f"hop latency over loopback (bf16 hidden state, TCP_NODELAY), model {model_path.name}")
-    print(f"{'payload':<32}{'round trip p50':>16}{'p99':>10}{'one hop ~':>12}")
+    hops = []
     for label, size, rows in ((f"1 x {hidden} (tiny)", hidden, 1), ("1 x 2048", 2048, 1), ("512 x 2048 (prefill)", 2048, 512)):
-        times = sorted(await hop_round_trip_ms(port, hidden=size, rows=rows, count=2000 if rows == 1 else 200))
-        p50, p99 = statistics.median(times), times[int(len(times) * 0.99) - 1]
-        print(f"{label:<32}{p50:>13.3f} ms{p99:>7.3f} ms{p50 / 2:>9.3f} ms")
+        count = pings if rows == 1 else prefill_pings
+        times = sorted(await hop_round_trip_ms(port, hidden=size, rows=rows, count=count))
+        p50, p99 = statistics.median(times), times[max(0, int(len(times) * 0.99) - 1)]
+        hops.append((label, f"{p50:.3f} ms", f"{p99:.3f} ms", f"{p50 / 2:.3f} ms"))
+    print_table(f"hop latency over loopback (bf16 hidden state, TCP_NODELAY), model {model_path.name}",
+                ["payload", "round trip p50", "p99", "one hop ~"], hops)
 
-    print(f"\ndecode throughput, {args.tokens} greedy tokens, {layers} layers")
-    print(f"{'setup':<56}{'tokens/s':>10}")
-    print(f"{'mlx_lm generate_step, single process':<56}{mlx_lm_decode_tps(model_path, args.tokens):>10.1f}")
-    for label, tps in await in_process_rows(model_path, layers, args.tokens):
-        print(f"{label:<56}{tps:>10.1f}")
-    label, tps = await separate_process_row(model_path, layers, args.tokens)
-    print(f"{label:<56}{tps:>10.1f}")
+    decode = [("mlx_lm generate_step, single process", f"{mlx_lm_decode_tps(model_path, tokens):.1f}")]
+    for label, tps in await in_process_rows(model_path, layers, tokens, setups=setups):
+        decode.append((label, f"{tps:.1f}"))
+    label, tps = await separate_process_row(model_path, layers, tokens)
+    decode.append((label, f"{tps:.1f}"))
+    print_table(f"decode throughput, {tokens} greedy tokens, {layers} layers", ["setup", "tokens/s"], decode)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ test traffic can never leave the machine):
 Names include the pid and a per-process counter, so parallel runs never collide. ``close()``
 (also run on failure) kills every process started here and deletes every namespace, which
 destroys the veths and the bridge with them. Needs root and iproute2's ``ip``; tests skip with
-the reason when the kernel refuses.
+the reason when the kernel refuses, and fail instead under ``CI=true`` (tests/conftest.py).
 
     with open_lab(3) as lab:
         out = lab.run(lab.hosts[0], ["ip", "-br", "addr"])
@@ -183,7 +183,8 @@ def _kill_namespace_pids(namespace: str) -> None:
 
 @contextmanager
 def open_lab(count: int, *, subnet: str = DEFAULT_SUBNET) -> Iterator[NetnsLab]:
-    """A NetnsLab for a test; skips the test with the reason if namespaces are unavailable."""
+    """A NetnsLab for a test; skips the test with the reason if namespaces are unavailable (a
+    failure under ``CI=true``, see tests/conftest.py)."""
     lab = NetnsLab(count, subnet=subnet)
     try:
         lab.__enter__()

@@ -1,0 +1,52 @@
+"""No silent skips in CI: with ``CI=true`` a skipped test is reported as a failure with its skip
+reason. Tests that need a tool (network namespaces, Chromium, playwright, Prometheus/promtool,
+kubectl) skip on a developer's machine without it, but in CI ``.ci/run`` installs them all, so a
+skip there means a test that never ran. A skip meant to stay a skip in CI must be listed in
+``CI_SKIP_ALLOWLIST`` (node id prefix → why) — it is empty on purpose.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+CI_SKIP_ALLOWLIST: dict[str, str] = {}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _allowed(nodeid: str) -> bool:
+    return any(nodeid == prefix or nodeid.startswith(prefix + "::") or nodeid.startswith(prefix + "[")
+               for prefix in CI_SKIP_ALLOWLIST)
+
+
+def _skip_reason(longrepr: Any) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _fail_if_skipped(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail") or not in_ci() or _allowed(report.nodeid):
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"{report.nodeid} was skipped under CI=true ({_skip_reason(report.longrepr)}); "
+                       "CI installs every tool the tests need (.ci/run), or list the test in "
+                       "CI_SKIP_ALLOWLIST in tests/conftest.py with a reason")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _fail_if_skipped(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Module-level skips (``pytest.importorskip``, ``allow_module_level=True``) happen here."""
+    outcome = yield
+    _fail_if_skipped(outcome.get_result())

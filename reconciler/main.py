@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inference requests waiting for a slot; beyond, 429 with Retry-After (default 32)")
     parser.add_argument("--request-idle-timeout", type=float, default=60.0, metavar="S",
                         help="seconds an inference request may make no progress before it fails (default 60)")
+    parser.add_argument("--prefill-chunk", type=int, default=128, metavar="N",
+                        help="prompt tokens per prefill step (default 128; larger is faster on GPUs, smaller "
+                             "frees a stage sooner when a client leaves)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -90,13 +93,15 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
             raise ConfigError(f"{flag}: must be positive, got {value:g}")
     if args.max_concurrent_requests < 1:
         raise ConfigError(f"--max-concurrent-requests: must be at least 1, got {args.max_concurrent_requests}")
+    if args.prefill_chunk < 1:
+        raise ConfigError(f"--prefill-chunk: must be at least 1, got {args.prefill_chunk}")
     if args.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests: must be 0 or more, got {args.max_queued_requests}")
     return NodeOptions(memory=memory, labels=labels, node_timeout=args.node_timeout, node_grace=args.node_grace,
                        discovery=not args.no_discovery, interface=args.interface,
                        max_concurrent_requests=args.max_concurrent_requests,
                        max_queued_requests=args.max_queued_requests,
-                       request_idle_timeout=args.request_idle_timeout)
+                       request_idle_timeout=args.request_idle_timeout, prefill_chunk=args.prefill_chunk)
 
 
 async def serve(config: NodeConfig, options: "NodeOptions") -> None:

@@ -59,6 +59,7 @@ class NodeOptions:
     discovery: bool = True
     interface: str | None = None            # where mDNS announces (default: the advertised host)
     request_idle_timeout: float = 60.0      # a request with no progress for this long fails
+    prefill_chunk: int = 128                # --prefill-chunk: prompt tokens per prefill step
     max_concurrent_requests: int = 8        # --max-concurrent-requests: generating at once on this entry node
     max_queued_requests: int = 32           # --max-queued-requests: waiting for a slot; beyond: 429
 
@@ -140,7 +141,8 @@ class ExoNode:
                           f"(--api-port + 2): {exc.strerror}") from None
 
         self.backend = ClusterBackend(store=store, data_token=data_token,
-                                      idle_timeout_s=options.request_idle_timeout)
+                                      idle_timeout_s=options.request_idle_timeout,
+                                      prefill_chunk=options.prefill_chunk)
         app = self.build_http_app(store, stage_server=self.stage_server, backend=self.backend)
         # handler_cancellation: a client that disconnects cancels its handler (frees its generation)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,

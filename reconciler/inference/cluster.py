@@ -105,11 +105,13 @@ class ClusterBackend:
     """``InferenceBackend`` over the store's ModelDeployments and Shards."""
 
     def __init__(self, *, store: Store, data_token: str | None = None, idle_timeout_s: float = 60.0,
+                 prefill_chunk: int = datapath.PREFILL_CHUNK,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._monotonic = monotonic
         self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
-        self.client = datapath.PipelineClient(token=data_token, idle_timeout_s=idle_timeout_s)
+        self.client = datapath.PipelineClient(token=data_token, idle_timeout_s=idle_timeout_s,
+                                              prefill_chunk=prefill_chunk)
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._round_robin = itertools.count()

@@ -15,6 +15,7 @@ import aiohttp
 import openai
 import pytest
 
+from reconciler.datapath import PREFILL_CHUNK
 from tests.cluster import Cluster, ExoProcess, start_cluster
 from tests.e2e.serving import apply, node_named, shards_of, wait_nodes_ready, wait_serving
 
@@ -118,10 +119,11 @@ def abandon_during_prefill(node: ExoProcess, prompt: list[int], *, stream: bool,
 def test_clients_that_leave_during_long_prefills_free_every_stage_and_the_next_request_is_not_delayed(cluster):
     entry = cluster.nodes[0]
     alone = min(small_request_seconds(entry) for _ in range(3))
-    # One 512-token prefill chunk, for scale: a chunk already computing when its client leaves
-    # finishes; the chunks queued behind it must not run.
+    # One prefill chunk, for scale: a chunk already computing when its client leaves finishes;
+    # the chunks queued behind it must not run.
     started = time.monotonic()
-    client_for(entry).completions.create(model="pair", prompt=long_prompt(0)[:512], max_tokens=1, temperature=0)
+    client_for(entry).completions.create(model="pair", prompt=long_prompt(0)[:PREFILL_CHUNK], max_tokens=1,
+                                         temperature=0)
     chunk = time.monotonic() - started
     wait_freed(cluster, within_s=5)
     before = memory(cluster)
@@ -143,7 +145,7 @@ def test_clients_that_leave_during_long_prefills_free_every_stage_and_the_next_r
     caches_freed = wait_freed(cluster, within_s=chunk + 5.0)
     after_memory = memory(cluster)
     print(f"\nsmall request alone {alone:.3f}s, after 2 abandoned {LONG_PROMPT_TOKENS}-token prefills {after:.3f}s; "
-          f"one 512-token chunk {chunk:.2f}s; requests freed in {requests_freed:.2f}s, KV caches "
+          f"one {PREFILL_CHUNK}-token chunk {chunk:.2f}s; requests freed in {requests_freed:.2f}s, KV caches "
           f"{caches_freed:.2f}s after that; MLX memory {before} -> peak {peak[0]} -> {after_memory}")
     assert peak[0] > before, "the abandoned prefills never held memory: they did not reach the stages"
     assert after_memory <= before + (1 << 20), f"{after_memory - before} bytes more than before the prefills"

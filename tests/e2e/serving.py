@@ -68,6 +68,14 @@ def wait_serving(node: ExoProcess, deployment: str, *, stages: int, timeout: flo
         time.sleep(0.1)
 
 
+def client_for(node: ExoProcess, *, timeout: float = 60) -> Any:
+    """The official ``openai`` client against ``node``: no retries, no proxies from the environment."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{node.api_url}/v1", api_key=node.secret, max_retries=0, timeout=timeout,
+                         http_client=openai.DefaultHttpxClient(trust_env=False))
+
+
 def node_named(cluster: Cluster, name: str) -> ExoProcess:
     return next(n for n in cluster.nodes if n.name == name)
 

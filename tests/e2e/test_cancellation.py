@@ -17,7 +17,7 @@ import pytest
 
 from reconciler.datapath import PREFILL_CHUNK
 from tests.cluster import Cluster, ExoProcess, start_cluster
-from tests.e2e.serving import apply, node_named, shards_of, wait_nodes_ready, wait_serving
+from tests.e2e.serving import apply, client_for, node_named, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
     finally:
         cluster.close()
         print(cluster.logs()[-20000:])
-
-
-def client_for(node: ExoProcess, *, timeout: float = 60) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node.api_url}/v1", api_key=node.secret, max_retries=0, timeout=timeout,
-                         http_client=openai.DefaultHttpxClient(trust_env=False))
 
 
 def datapath(node: ExoProcess) -> dict:

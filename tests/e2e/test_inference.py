@@ -16,7 +16,7 @@ from reconciler.datapath.pipeline import PipelineClient
 from reconciler.inference.cluster import ready_routes
 from reconciler.node import data_path_token
 from tests.cluster import Cluster, ExoProcess, exo_cluster, start_cluster  # noqa: F401  (fixture)
-from tests.e2e.serving import (DEPLOYMENTS, Reference, apply, node_named, shards_of, wait_nodes_ready,
+from tests.e2e.serving import (DEPLOYMENTS, Reference, apply, client_for, node_named, shards_of, wait_nodes_ready,
                                wait_serving)
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
     finally:
         cluster.close()
         print(cluster.logs())
-
-
-def client_for(node: ExoProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node.api_url}/v1", api_key=node.secret, max_retries=0, timeout=60,
-                         http_client=openai.DefaultHttpxClient(trust_env=False))
 
 
 def stage_node(cluster: Cluster, deployment: str, index: int) -> ExoProcess:

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import time
 
-import openai
 import pytest
 from mlx_lm.utils import quantize_model
 
 from examples.build_family import build_family_model
 from tests.cluster import ExoProcess, start_cluster
-from tests.e2e.serving import APPLY, DEPLOYMENTS, Reference, shards_of, wait_nodes_ready, wait_serving
+from tests.e2e.serving import APPLY, DEPLOYMENTS, Reference, client_for, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +53,6 @@ def entry(tmp_path_factory, models):
     finally:
         cluster.close()
         print(cluster.logs())
-
-
-def client_for(node: ExoProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node.api_url}/v1", api_key=node.secret, max_retries=0, timeout=60,
-                         http_client=openai.DefaultHttpxClient(trust_env=False))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -246,12 +246,14 @@ class Client:
         return connection, response
 
     def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
-                content_type: str = "application/json") -> tuple[dict[str, Any], Mapping[str, str]]:
+                content_type: str = "application/json",
+                op_id: str | None = None) -> tuple[dict[str, Any], Mapping[str, str]]:
         """One request; returns the decoded JSON answer and the response headers. A write carries
-        an op id and is retried with the same id when its outcome is unknown (504) or the node
-        briefly has no quorum (503), so it applies at most once."""
+        an op id (``op_id``, or a new one) and is retried with the same id when its outcome is
+        unknown (504) or the node briefly has no quorum (503), so it applies at most once; pass
+        the same ``op_id`` to retry it yourself, through another node too."""
         payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        headers = {} if method == "GET" else {OP_ID_HEADER: uuid.uuid4().hex}
+        headers = {} if method == "GET" else {OP_ID_HEADER: op_id or uuid.uuid4().hex}
         attempt = 0
         while True:
             try:

@@ -281,6 +281,44 @@ async def keep_announcing(mdns: MdnsDiscovery, store: RaftStore) -> None:
         await mdns.stop()
 
 
+READMIT_AFTER_S = 5.0  # a rejoined node without quorum this long asks whether it is still a member
+
+
+async def readmit_if_removed(config: NodeConfig, store: RaftStore, *, after: float = READMIT_AFTER_S,
+                             every: float = 2.0) -> None:
+    """A node that rejoined with its saved member list may have been removed meanwhile (silent
+    past ``--node-grace``): the others then ignore it. Once it has gone ``after`` seconds without
+    quorum, ask the members it knows (their API URLs from the replicated directory) and, if it is
+    not among the members they report, ask to be admitted again, the ``--peers`` way."""
+    silent_since: float | None = None
+    while True:
+        await asyncio.sleep(every)
+        if store.has_quorum:
+            silent_since = None
+            continue
+        silent_since = silent_since or time.monotonic()
+        if time.monotonic() - silent_since < after:
+            continue
+        peers = [url.split("://", 1)[-1] for address, info in store.directory.items()
+                 if address != config.raft_address and (url := info.get("apiUrl"))]
+        peers += [peer for peer in config.peers if peer not in peers]
+        if not peers:
+            continue
+        try:
+            document = await fetch_members(peers, secret=config.secret, deadline=time.monotonic() + every)
+            if config.raft_address in {m["raftAddress"] for m in document.get("members", [])}:
+                continue
+            log.warning("this node was removed from the raft group while away; asking to be admitted again")
+            await request_admission(peers, secret=config.secret, info=member_info(config),
+                                    deadline=time.monotonic() + ADMISSION_ATTEMPT)
+            log.info("admitted to the cluster again as %s", config.raft_address)
+            silent_since = None
+        except SecretRefused:
+            raise
+        except JoinError as exc:
+            log.info("re-admission: %s; retrying", exc)
+
+
 class FormingListener:
     """Holds the API port while the node looks for its cluster: ``/healthz`` answers 200, every
     other path 503 "forming" (401 for a wrong token on the members path, as the real API would)."""

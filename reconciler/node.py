@@ -24,6 +24,7 @@ from reconciler.controllers.scheduler import SchedulerController
 from reconciler.controllers.shard_agent import ShardAgent
 from reconciler.datapath.stage import StageServer
 from reconciler.inference.cluster import ClusterBackend
+from reconciler.consistency_check import ConsistencyChecker, add_consistency_routes
 from reconciler.membership import MemberInfo, add_membership_routes
 from reconciler.metrics import NodeMetrics
 from reconciler.store.base import StoreUnavailable
@@ -80,6 +81,7 @@ class ExoNode:
         self._registrar: NodeRegistrar | None = None
         self._controllers: ControllerManager | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.consistency: ConsistencyChecker | None = None
 
     @property
     def member_info(self) -> MemberInfo:
@@ -115,6 +117,7 @@ class ExoNode:
 
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
         add_membership_routes(app, store=store, secret=self.config.secret)
+        add_consistency_routes(app, store=store, secret=self.config.secret)
         add_dashboard_routes(app, metrics=self.metrics)
         add_openai_routes(app, backend=backend, metrics=self.metrics,
                           max_concurrent=self.options.max_concurrent_requests,
@@ -130,6 +133,7 @@ class ExoNode:
     async def start(self) -> None:
         config, options = self.config, self.options
         self.store = store = await self._form_cluster()
+        self._tasks.append(asyncio.create_task(formation.readmit_if_removed(config, store), name="exo-readmit"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="exo-register-self"))
 
         data_token = data_path_token(config.secret)
@@ -169,6 +173,8 @@ class ExoNode:
             store=store, controllers=[self.lifecycle, SchedulerController(store=store), self.shard_agent],
             observer=self.metrics.observe_reconcile)
         self._controllers.start()
+        self.consistency = ConsistencyChecker(store=store, secret=config.secret, node_name=config.name)
+        self.consistency.start()
         log.info("ready: node %s (id %s) serving the API at http://%s:%d, raft %s, data port %d, members %s",
                  config.name, config.node_id, config.host, config.api_port, config.raft_address,
                  config.data_port, ",".join(sorted({config.raft_address, *store.members})))
@@ -204,6 +210,8 @@ class ExoNode:
         await steps.run("background tasks", asyncio.gather(*self._tasks, return_exceptions=True), at_most_s=1.0)
         if self._controllers is not None:
             await steps.run("controllers", self._controllers.stop(), at_most_s=0.5)
+        if self.consistency is not None:
+            await steps.run("consistency check", self.consistency.stop(), at_most_s=0.5)
         if self._registrar is not None:
             await steps.run("node registration", self._registrar.stop(), at_most_s=0.5)
         if self.shard_agent is not None:

@@ -53,7 +53,9 @@ def raft_families(cluster: Mapping[str, Any], state: StoreState) -> list[GaugeMe
     families = [leader, quorum]
     for key, name, doc in (("term", "exo_raft_term", "Current Raft term"),
                            ("commitIndex", "exo_raft_commit_index", "Highest log index known to be committed"),
-                           ("lastApplied", "exo_raft_last_applied", "Highest log index applied to this replica")):
+                           ("lastApplied", "exo_raft_last_applied", "Highest log index applied to this replica"),
+                           ("diverged", "exo_replica_diverged", "1 while this replica disagrees with the majority"),
+                           ("resyncs", "exo_replica_resyncs", "Re-syncs from the leader after a divergence")):
         if key in cluster:
             family = gauge(name, doc)
             family.add_metric([], float(cluster[key]))

@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 from exo_ctl.api.meta import API_VERSION
 from exo_ctl.api.resources import KINDS, KindInfo
 from reconciler.inference.backend import SamplingParams
+from reconciler.consistency_check import CONSISTENCY_PATH
 from reconciler.membership import MEMBERS_PATH
 from reconciler.server import openai_requests
 from reconciler.server.bodies import APPLY_PATCH, MAX_BODY_BYTES
@@ -265,6 +266,8 @@ def _node_operations() -> dict[RouteKey, Operation]:
             "members", _json({"type": "object"}))}),
         ("POST", MEMBERS_PATH): _op("admit a node to the Raft group (forwarded to the leader)", responses={
             "200": _ok("admitted", _json({"type": "object"}))}, body={"required": True, "content": _json(member)}),
+        ("GET", CONSISTENCY_PATH): _op("this replica's state digests at its recent checkpoint revisions", responses={
+            "200": _ok("checkpoint digests", _json({"type": "object"}))}),
         ("GET", DATAPATH_PATH): _op("what this node's stage server holds: shards, open requests, KV caches",
                                     responses={"200": _ok("data path status", _json({"type": "object"}))}),
     }

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from exo_ctl.api.meta import Frozen
 from exo_ctl.api.resources import KindInfo
 from exo_ctl.api.validation import Cause, InvalidObject, causes_from, normalize
-from reconciler.store.base import Store, StoreError, StoreUnavailable
+from reconciler.store.base import Store, StoreError, StoreRefused, StoreUnavailable
 from reconciler.store.state import Key, apply as apply_command
 from reconciler.server.errors import ApiError
 
@@ -156,6 +156,9 @@ async def commit(store: Store, command: dict[str, Any], *, target: Target, dry_r
         return await store.submit(command, timeout=COMMIT_TIMEOUT_S)
     except StoreError as error:
         raise ApiError(error.code, error.message, reason=error.reason, kind=target.info.kind, name=target.name) from None
+    except StoreRefused as error:
+        raise ApiError(503, f"this node refuses writes now, nothing was applied: {error}; retry later or through "
+                       "another node", headers={"Retry-After": str(RETRY_AFTER_S), "X-Exo-Op-Id": command["opId"]}) from None
     except StoreUnavailable as error:
         if not store.has_quorum:
             raise ApiError(503, f"the cluster has no quorum, so nothing can be written now ({error}); retry later "

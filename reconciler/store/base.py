@@ -25,6 +25,10 @@ class StoreUnavailable(Exception):
     """No quorum, or the commit did not complete in time: the outcome of a write is unknown."""
 
 
+class StoreRefused(StoreUnavailable):
+    """Refused before proposing (no quorum, a diverged replica, a full disk): nothing was applied."""
+
+
 class Gone(Exception):
     """A watch asked for history that has been compacted away (410 Gone): re-list."""
 
@@ -59,6 +63,7 @@ class Store(ABC):
         self._state = StoreState()
         self._waiter: asyncio.Future[None] | None = None
         self._listeners: list[Callable[[StoreState], None]] = []
+        self._epoch = 0  # bumped when the replica is replaced wholesale (a re-sync): watchers re-list
         self.commit_observer: Callable[[float], None] | None = None  # seconds from proposing to applied
 
     # -- reads (local replica) --
@@ -85,9 +90,11 @@ class Store(ABC):
         """Every committed event (of ``kind``, None: of all) after revision ``since``, in order,
         forever. Raises Gone when ``since`` is older than the kept history of that kind (also
         later, if the watcher falls that far behind)."""
-        position = since
+        position, epoch = since, self._epoch
         while True:
             state = self._state
+            if self._epoch != epoch:
+                raise Gone(f"this replica was re-synced from the leader; re-list (was at {position})")
             if position < (compacted := state.compacted_revision_for(kind)):
                 raise Gone(f"too old resource version: {position} ({compacted})")
             events = state.events_after(position, kind)
@@ -119,6 +126,14 @@ class Store(ABC):
             waiter.set_result(None)
         for callback in list(self._listeners):
             callback(state)
+
+    def _reset_replica(self) -> None:
+        """Forget the local replica (before a re-sync); watchers get Gone and re-list."""
+        self._epoch += 1
+        self._state = StoreState()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- writes --
     async def submit(self, command: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:

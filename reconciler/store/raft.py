@@ -26,7 +26,9 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from reconciler.store.base import Store, StoreUnavailable
+from reconciler.store.base import Store, StoreRefused, StoreUnavailable
+from reconciler.store.consistency import Checkpoints
+from reconciler.store.files import check_dump, check_journal, disk_full_reason, remove_raft_files
 from reconciler.store.raft_fixes import PatchedSyncObj
 from reconciler.store.snapshot import state_from_snapshot, state_to_snapshot
 from reconciler.store.state import StoreState, apply
@@ -87,7 +89,7 @@ class ClusterView:
     quorum: bool = False
     members: tuple[str, ...] = ()
     term: int = 0
-    in_sync: bool = True  # applied what the leader had committed max_apply_lag_s ago
+    in_sync: bool = True  # caught up once since start, and applied what the leader had committed max_apply_lag_s ago
 
     def to_json(self) -> dict[str, Any]:
         return {"raftAddress": self.self_address, "leaderAddress": self.leader, "isLeader": self.is_leader,
@@ -123,6 +125,7 @@ class _StateMachine(SyncObjConsumer):
         super().__init__()
         self.state = StoreState()
         self.directory: dict[str, dict[str, str]] = {}
+        self.checkpoints = Checkpoints()
         self._on_change = on_change
 
     @replicated
@@ -130,6 +133,7 @@ class _StateMachine(SyncObjConsumer):
         state, result = apply(self.state, json.loads(command_json))
         if state is not self.state:
             self.state = state
+            self.checkpoints.record(state)
             self._on_change(state)
         return result
 
@@ -164,18 +168,36 @@ class RaftStore(Store):
         self._catch_up: tuple[float, int] | None = None  # (since, leader commit index to reach)
         self._closed = False
         self._in_flight: set[asyncio.Future[Any]] = set()
+        self.diverged: str | None = None   # why this replica disagrees with the majority (until repaired)
+        self._resync_to = 0                # a repaired replica is unready until it holds this log index
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        check_raft_files(settings.data_dir)
         self._machine = _StateMachine(self._on_committed_state)
-        self._sync = PatchedSyncObj(settings.self_address, list(settings.partners),
-                                    conf=settings.conf(), consumers=[self._machine])
-        self._sync.addOnTickCallback(self._on_tick)
-        try:
-            self._sync.waitBinded()
-        except Exception as exc:
-            self._sync.destroy()
-            raise OSError(f"cannot listen for Raft on {settings.self_address}: port in use?") from exc
+        self._sync = self._start_sync(settings.partners)
         if admitted:
             self._save_members(self._current_members())
+
+    def _start_sync(self, partners: Sequence[str], *, abstain_below: int = 0) -> PatchedSyncObj:
+        settings = self._settings
+        sync = PatchedSyncObj(settings.self_address, list(partners), conf=settings.conf(), consumers=[self._machine],
+                              space_ok=self._space_ok, abstain_below_index=abstain_below)
+        sync.addOnTickCallback(self._on_tick)
+        try:
+            sync.waitBinded()
+        except Exception as exc:
+            sync.destroy()
+            raise OSError(f"cannot listen for Raft on {settings.self_address}: port in use?") from exc
+        return sync
+
+    _space_checked = (0.0, True)
+
+    def _space_ok(self) -> bool:
+        """Whether the data dir has room for new entries (raft thread; statvfs at most every 0.5 s)."""
+        at, ok = self._space_checked
+        if (now := time.monotonic()) - at > 0.5:
+            ok = disk_full_reason(self._settings.data_dir) is None
+            self._space_checked = (now, ok)
+        return ok
 
     # -- raft thread → loop --
     def _on_committed_state(self, state: StoreState) -> None:
@@ -215,7 +237,9 @@ class RaftStore(Store):
             quorum=self._heard_from_majority(now),
             members=self._current_members(),
             term=sync.raftCurrentTerm,
-            in_sync=self._in_sync(now, applied, leader_commit),
+            # isReady: applied the leader's commit index once since start, so a restarted node
+            # never serves the state it had when it stopped (found by tests/chaos).
+            in_sync=self._in_sync(now, applied, leader_commit) and sync.isReady(),
         )
         self._progress = (sync.raftCommitIndex, applied, leader_commit)
         if view != self._view and not self._closed:
@@ -269,9 +293,17 @@ class RaftStore(Store):
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"{what} did not commit within {timeout:g}s (no quorum?); outcome unknown") from None
 
-    async def _commit(self, command: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+    def write_refusal(self) -> str | None:
+        """Why this node refuses writes before proposing them (so nothing is applied); None: it may."""
         if not self._view.quorum:
-            raise StoreUnavailable("no quorum: this node sees no leader with a majority")
+            return "no quorum: this node sees no leader with a majority"
+        if self.diverged is not None:
+            return f"this replica diverged from the majority and is re-syncing: {self.diverged}"
+        return disk_full_reason(self._settings.data_dir)
+
+    async def _commit(self, command: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        if (refusal := self.write_refusal()) is not None:
+            raise StoreRefused(refusal)
         future = self._call(self._machine.apply_command, json.dumps(command, separators=(",", ":")))
         return await self._await(future, timeout=timeout, what="the write")
 
@@ -311,6 +343,11 @@ class RaftStore(Store):
 
     def unready_reason(self) -> str | None:
         view, (_, applied, leader_commit) = self._view, self._progress
+        if self.diverged is not None:
+            return f"this replica diverged from the majority and is re-syncing from the leader: {self.diverged}"
+        if applied < self._resync_to:
+            return (f"this replica is re-syncing from the leader after a divergence: applied index {applied} "
+                    f"of {self._resync_to}")
         if not view.quorum:
             return (f"no quorum: this node has not heard from a leader with a majority within "
                     f"{self._settings.quorum_contact_timeout:g}s")
@@ -342,7 +379,38 @@ class RaftStore(Store):
     def cluster_status(self) -> dict[str, Any]:
         commit_index, last_applied, leader_commit = self._progress
         return {**super().cluster_status(), **self._view.to_json(),
-                "commitIndex": commit_index, "lastApplied": last_applied, "leaderCommitIndex": leader_commit}
+                "commitIndex": commit_index, "lastApplied": last_applied, "leaderCommitIndex": leader_commit,
+                "diverged": self.diverged is not None, "resyncs": self.resyncs}
+
+    # -- replica agreement (reconciler/consistency_check.py compares these) --
+    resyncs = 0
+
+    def checkpoint_digests(self) -> dict[int, str]:
+        return self._machine.checkpoints.digests()
+
+    async def resync(self, reason: str) -> None:
+        """Repair a diverged replica: stop serving, drop the journal and dump, and start again as a
+        fresh follower that takes the leader's log or snapshot. It casts no vote until it holds
+        the log index committed before (it may have counted toward those commits)."""
+        self.diverged = reason
+        log.error("replica diverged, re-syncing from the leader: %s", reason)
+        for future in [f for f in self._in_flight if not f.done()]:
+            future.set_exception(StoreUnavailable("this replica diverged and is re-syncing; outcome unknown"))
+        commit_index, _, leader_commit = self._progress
+        target = max(commit_index, leader_commit)
+        partners = [m for m in (self._view.members or self._settings.partners) if m != self._settings.self_address]
+        old = self._sync
+        old.destroy()
+        await asyncio.get_running_loop().run_in_executor(None, _join_tick_thread, old)
+        remove_raft_files(self._settings.data_dir, RAFT_FILES)
+        self._machine = _StateMachine(self._on_committed_state)
+        self._progress, self._catch_up = (0, 0, 0), None
+        self._resync_to = target
+        self._reset_replica()
+        self._sync = self._start_sync(partners, abstain_below=target)
+        self.resyncs += 1
+        self.diverged = None
+        log.warning("re-syncing: journal and dump dropped; unready until log index %d is applied", target)
 
     async def close(self) -> None:
         if self._closed:
@@ -351,6 +419,24 @@ class RaftStore(Store):
         sync = self._sync
         sync.destroy()
         await asyncio.get_running_loop().run_in_executor(None, _join_tick_thread, sync)
+
+
+RAFT_FILES = (JOURNAL_FILE, JOURNAL_FILE + ".meta", DUMP_FILE, DUMP_FILE + ".tmp")
+
+
+def check_raft_files(data_dir: Path) -> None:
+    """Refuse to start on a truncated or corrupt journal or dump (ValueError naming the file)."""
+    journal, dump = data_dir / JOURNAL_FILE, data_dir / DUMP_FILE
+    if journal.exists():
+        check_journal(journal)
+    if dump.exists():
+        consumer_data = check_dump(dump)
+        try:
+            state_from_snapshot(consumer_data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{dump}: the state in the Raft snapshot does not load ({exc}); move raft.dump, "
+                             f"raft.journal and raft.journal.meta out of {data_dir} and start again to re-sync "
+                             "from the peers") from None
 
 
 def _join_tick_thread(sync: SyncObj, timeout: float = 5.0) -> None:

@@ -2,9 +2,9 @@
 
 No machine here reaches a model hub, so tests, benchmarks and the demo use a model this module
 writes: ``config.json`` (model_type llama), ``model.safetensors`` (bf16, seeded weights) and a
-byte-level BPE tokenizer trained with ``tokenizers`` on the text in ``examples/corpus/``.
+byte-level BPE tokenizer trained with ``tokenizers`` on the text in ``corpus/`` beside this file.
 
-    python -m examples.build_model --size tiny [--out DIR]
+    python -m exo_ctl.model_builder.build_model --size tiny [--out DIR]
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def _write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.build_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m exo_ctl.model_builder.build_model", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="which model to build (default tiny)")
     parser.add_argument("--out", type=Path, help="model directory (default: $EXO_MODEL_CACHE or ~/.cache/exoctl/models, /SIZE)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")

@@ -5,7 +5,7 @@ saved as ``config.json`` + ``model.safetensors`` + the local byte-level tokenize
 this project load it exactly like a published checkpoint. ``quantize_bits`` runs mlx-lm's
 converter on the result.
 
-    python -m examples.build_family --family gemma3_text --out DIR [--bits 4]
+    python -m exo_ctl.model_builder.build_family --family gemma3_text --out DIR [--bits 4]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _write_float_model(family: str, out: Path, *, seed: int) -> Path:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from examples.build_model import write_tokenizer
+    from exo_ctl.model_builder.build_model import write_tokenizer
 
     config, tied, dtype = FAMILIES[family]
     config = json.loads(json.dumps(config))  # a copy mlx-lm may not alter
@@ -103,7 +103,7 @@ def _randomize(name: str, value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.build_family", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m exo_ctl.model_builder.build_family", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--out", type=Path, required=True, help="model directory to create")
     parser.add_argument("--bits", type=int, choices=(4, 8), help="quantize with mlx-lm's converter")

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from examples import build_model as builder
-from examples.build_model import SIZES, build_model, build_model_at, main
+from exo_ctl.model_builder import build_model as builder
+from exo_ctl.model_builder.build_model import SIZES, build_model, build_model_at, main
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,17 @@ class Placement(Frozen):
         return self
 
 
+MAX_CONTEXT_LENGTH = 1 << 24
+
+
 class Resources(Frozen):
-    memoryHeadroom: Quantity = Field(default="0", description="memory kept free on every node that holds a shard")
+    memoryHeadroom: Quantity = Field(default="512Mi", description="memory kept free on every node that holds a shard")
+    contextLength: int | None = Field(
+        default=None, ge=1, le=MAX_CONTEXT_LENGTH,
+        description="tokens (prompt + completion) of KV cache reserved per request; default: the model's "
+                    "context length, at most 4096")
+    maxConcurrentRequests: int = Field(
+        default=4, ge=1, le=1024, description="requests whose KV cache every stage reserves at once")
 
     @field_validator("memoryHeadroom")
     @classmethod
@@ -154,7 +163,14 @@ class ShardSpec(Frozen):
     totalLayers: int = Field(ge=1)
     nodeName: str
     model: ModelSource
-    memoryBytes: int = 0
+    memoryBytes: int = Field(default=0, ge=0, description="weights the plan reserved for this stage")
+    kvCacheBytes: int = Field(default=0, ge=0, description="KV cache reserved: context length × concurrent requests")
+    overheadBytes: int = Field(default=0, ge=0, description="activations of a prefill chunk and the runtime baseline")
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Everything the plan holds on the node for this stage."""
+        return self.memoryBytes + self.kvCacheBytes + self.overheadBytes
 
 
 class ShardStatus(Frozen):

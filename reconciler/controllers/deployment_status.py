@@ -9,6 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 
+REVISION_LABEL = "exo.dev/placement-revision"  # a later placement, made before the older one is removed
+
+
+def placement_revision(shard: dict[str, Any]) -> int:
+    """The placement revision a Shard belongs to (0 without the label)."""
+    value = str(((shard.get("metadata") or {}).get("labels") or {}).get(REVISION_LABEL, "0"))
+    return int(value) if value.isdigit() else 0
+
+
 def shard_ready(shard: dict[str, Any]) -> bool:
     status = shard.get("status") or {}
     return status.get("phase") == "Ready" and status.get("observedGeneration") == shard["metadata"].get("generation")
@@ -26,22 +35,25 @@ def _condition(kind: str, value: bool, reason: str, message: str, *, generation:
 
 def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]],
                       problem: tuple[str, str] | None, now: str,
-                      api_urls: dict[str, str] | None = None) -> dict[str, Any]:
+                      api_urls: dict[str, str] | None = None,
+                      unused_nodes: dict[str, str] | None = None) -> dict[str, Any]:
     """Pure: the status the deployment should have, given its shards and the scheduler's verdict
-    (``problem`` = (reason, message) when it could not be placed, e.g. Unschedulable or ModelNotFound)."""
+    (``problem`` = (reason, message) when it could not be placed, e.g. Unschedulable or ModelNotFound).
+    ``unused_nodes`` (Spread only: node → why it got no layers) adds the AllNodesUsed condition."""
     generation = deployment["metadata"].get("generation", 1)
     desired = deployment["spec"].get("replicas", 1)
     previous = {c["type"]: c for c in (deployment.get("status") or {}).get("conditions", [])}
-    by_replica: dict[int, list[dict[str, Any]]] = {}
+    by_replica: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for shard in shards:
-        by_replica.setdefault(shard["spec"]["replica"], []).append(shard)
+        by_replica.setdefault((shard["spec"]["replica"], placement_revision(shard)), []).append(shard)
 
-    ready_replicas, endpoint = 0, None
-    for replica in sorted(by_replica):
-        replica_shards = by_replica[replica]
+    ready_replicas, endpoint, counted = 0, None, set()
+    for replica, revision in sorted(by_replica, key=lambda k: (k[0], -k[1])):  # newest placement first
+        replica_shards = by_replica[(replica, revision)]
         stages = replica_shards[0]["spec"]["stages"]
-        if len(replica_shards) == stages and all(shard_ready(s) for s in replica_shards):
+        if replica not in counted and len(replica_shards) == stages and all(shard_ready(s) for s in replica_shards):
             ready_replicas += 1
+            counted.add(replica)
             if endpoint is None:  # any node serves the model; the first stage's node is the natural entry
                 first = min(replica_shards, key=lambda s: s["spec"]["index"])["spec"]["nodeName"]
                 endpoint = (api_urls or {}).get(first)
@@ -72,6 +84,10 @@ def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]
         _condition("Reconciling", progressing, ready_reason if progressing else "Done", message if progressing else "", **args),
         _condition("Stalled", stalled, ready_reason if stalled else "Running", message if stalled else "", **args),
     ]
+    if unused_nodes is not None:
+        left_out = "; ".join(f"node {node} got no layers: {why}" for node, why in sorted(unused_nodes.items()))
+        conditions.append(_condition("AllNodesUsed", not unused_nodes, "NodesWithoutLayers" if unused_nodes else "Spread",
+                                     left_out, **args))
     summary = [
         {"replica": s["spec"]["replica"], "index": s["spec"]["index"], "node": s["spec"]["nodeName"],
          "layers": f"{s['spec']['layers']['start']}-{s['spec']['layers']['end'] - 1}",

@@ -120,7 +120,12 @@ class NodeLifecycleController(Controller):
         self.clock, self.wall_clock = clock, wall_clock
         self.resync_seconds = max(0.2, timeout / 4)  # time passing, not a store change, expires leases
         self._seen: dict[str, Seen] = {}
-        self.lease_ages: dict[str, float] = {}
+
+    @property
+    def lease_ages(self) -> dict[str, float]:
+        """Seconds since each node's last renewal was seen, as of now (not of the last pass)."""
+        now = self.clock()
+        return {name: now - seen.at for name, seen in self._seen.items()}
 
     def stop(self) -> None:
         self._seen = {}  # a later term starts with fresh observations
@@ -133,7 +138,6 @@ class NodeLifecycleController(Controller):
                                 grace=self.grace, leader=self.node_name,
                                 raft_members=self.raft_members() if self.raft_members else len(nodes))
         self._seen = plan.seen
-        self.lease_ages = {name: now - s.at for name, s in plan.seen.items()}
         by_name = {n["metadata"]["name"]: n for n in nodes}
         for action in plan.actions:
             node = by_name[action.node]

@@ -4,9 +4,16 @@ them placed as nodes come and go, then summarizes the shards into the deployment
 Level-triggered: every pass reads deployments, nodes and shards, asks the pure ``place`` for the
 layout, and writes only the differences. It runs on any change to those kinds (a node turning
 NotReady, a node joining, a spec change, a delete) and on a slow resync.
+
+Re-placement is make-before-break when every node has room for both: a plan that moves a serving
+placement is written as a new placement revision (new Shard names, ``-vN``, and the
+``exo.dev/placement-revision`` label) beside the old one, which routes keep using until the new
+one is whole and Ready; then the old one is deleted (its streams in flight finish on it). Without
+the room, or when the serving placement has lost a node, shards are moved in place as before.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -17,49 +24,84 @@ from typing import Any
 from pydantic import ValidationError
 
 from exo_ctl.api.resources import ModelDeployment, Node, Shard
-from reconciler.controllers.deployment_status import deployment_status
+from reconciler.controllers.deployment_status import REVISION_LABEL, deployment_status, placement_revision
 from reconciler.controllers.manager import Controller
-from reconciler.models.catalog import resolve_profile
+from reconciler.models.catalog import resolve_profile, split_refusal_of
 from reconciler.models.metadata import ModelMetadataError, ModelProfile
-from reconciler.scheduler.placement import PlacementPlan, deployment_key, place
+from reconciler.scheduler.placement import PlacementPlan, deployment_key, node_is_ready, place, room_for_both
 from reconciler.store.base import Store, StoreError, make_command, utcnow_iso
 
 log = logging.getLogger(__name__)
 PROFILE_RETRY_SECONDS = 5.0
+# Ready reasons of problems the scheduler looks at again after a pause (the files may be fixed).
+RETRIED_REASONS = ("ModelNotFound", "InvalidModelConfig", "InvalidModelFiles", "UnsupportedDtype",
+                   "UnsplittableModel", "ShardNameConflict")
 
 
 MAX_NAME = 253  # a DNS-1123 subdomain
 
 
-def shard_name(deployment: ModelDeployment, replica: int, index: int) -> str:
+def shard_revision(shard: Shard) -> int:
+    return placement_revision({"metadata": {"labels": shard.metadata.labels}})
+
+
+def shard_name(deployment: ModelDeployment, replica: int, index: int, *, revision: int = 0) -> str:
     """``NAME-rR-sI`` in the default namespace; elsewhere ``NAME.NAMESPACE-HASH-rR-sI``, where HASH
     (of ``NAMESPACE/NAME``) keeps ``a.b`` in default and ``a`` in ``b`` apart. Too long a name is
     cut and hashed. The scheduler reports the rare clash left (ShardNameConflict) instead of
-    taking another deployment's shard."""
+    taking another deployment's shard. A later placement revision N (make before break) puts
+    ``-vN`` before ``-rR``."""
     meta = deployment.metadata
     namespace = meta.namespace or "default"
     digest = hashlib.sha256(f"{namespace}/{meta.name}".encode()).hexdigest()[:6]
-    suffix = f"-r{replica}-s{index}"
+    suffix = (f"-v{revision}" if revision else "") + f"-r{replica}-s{index}"
     base = meta.name if namespace == "default" else f"{meta.name}.{namespace}-{digest}"
     if len(base) + len(suffix) > MAX_NAME:
         base = base[:MAX_NAME - len(suffix) - len(digest) - 1].rstrip(".-") + f"-{digest}"
     return base + suffix
 
 
-def desired_shards(deployment: ModelDeployment, plan: PlacementPlan) -> dict[str, dict[str, Any]]:
-    """Shard objects (name → body) for every assignment of the plan."""
+def desired_shards(deployment: ModelDeployment, plan: PlacementPlan, *, revision: int = 0) -> dict[str, dict[str, Any]]:
+    """Shard objects (name → body) for every assignment of the plan, as placement ``revision``."""
     out = {}
     for assignment in plan.assignments:
-        name = shard_name(deployment, assignment.replica, assignment.index)
+        name = shard_name(deployment, assignment.replica, assignment.index, revision=revision)
+        labels = {"exo.dev/deployment": deployment.metadata.name,
+                  "exo.dev/namespace": deployment.metadata.namespace or "default",
+                  "exo.dev/node": assignment.node}
+        if revision:
+            labels[REVISION_LABEL] = str(revision)
         out[name] = {
             "apiVersion": "exo.dev/v1alpha1", "kind": "Shard",
-            "metadata": {"name": name, "labels": {
-                "exo.dev/deployment": deployment.metadata.name,
-                "exo.dev/namespace": deployment.metadata.namespace or "default",
-                "exo.dev/node": assignment.node}},
+            "metadata": {"name": name, "labels": labels},
             "spec": assignment.to_spec(deployment).model_dump(mode="json", exclude_none=True),
         }
     return out
+
+
+LOAD_FIELDS = ("nodeName", "layers", "stages", "totalLayers", "model")  # what a running pipeline depends on
+
+
+def _moves(desired: dict[str, dict[str, Any]], ours: dict[str, Shard]) -> bool:
+    """Whether the plan changes where or what a current shard serves (not just adds or drops some)."""
+    for name, shard in ours.items():
+        if name in desired:
+            now = shard.spec.model_dump(mode="json", exclude_none=True)
+            if any(not _same(now.get(f), desired[name]["spec"].get(f)) for f in LOAD_FIELDS):
+                return True
+    return False
+
+
+def placement_serving(shards: list[Shard], *, ready_nodes: set[str]) -> bool:
+    """Whether one placement revision can serve: every replica whole, every shard Ready on a Ready node."""
+    if not shards:
+        return False
+    replicas: dict[int, list[Shard]] = {}
+    for shard in shards:
+        replicas.setdefault(shard.spec.replica, []).append(shard)
+    return all(len(group) == group[0].spec.stages for group in replicas.values()) and all(
+        s.status is not None and s.status.phase == "Ready" and s.status.observedGeneration == s.metadata.generation
+        and s.spec.nodeName in ready_nodes for s in shards)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -73,11 +115,13 @@ class SchedulerController(Controller):
     resync_seconds = 30.0
 
     def __init__(self, *, store: Store, clock: Callable[[], float] = time.monotonic,
-                 profile_resolver: Callable[..., ModelProfile] = resolve_profile) -> None:
+                 profile_resolver: Callable[..., ModelProfile] = resolve_profile,
+                 split_check: Callable[..., str | None] = split_refusal_of) -> None:
         self.store = store
         self.clock = clock
         self.resolve = profile_resolver
-        self._profiles: dict[tuple[str, str | None, str | None], tuple[float, ModelProfile | str]] = {}
+        self.split_check = split_check
+        self._profiles: dict[tuple[str, str | None, str | None], tuple[float, ModelProfile | tuple[str, str]]] = {}
         # Inputs of each settled deployment, and until when they count as settled.
         self._inputs: dict[tuple[str, str | None], tuple[tuple[Any, ...], float]] = {}
         self._last_full_pass = float("-inf")
@@ -86,19 +130,26 @@ class SchedulerController(Controller):
         self._profiles.clear()
         self._inputs.clear()
 
-    def profile(self, deployment: ModelDeployment) -> ModelProfile | str:
-        """The model's profile, or why it cannot be read (retried after a few seconds)."""
+    async def profile(self, deployment: ModelDeployment) -> ModelProfile | tuple[str, str]:
+        """The model's profile, or (reason, message) when it cannot be read or split (looked at
+        again after a few seconds). Read off the event loop: file headers, and mlx-lm's own
+        classes to tell whether a model on disk can be split."""
         model = deployment.spec.model
         key = (model.source, model.dtype, model.revision)
         cached = self._profiles.get(key)
         if cached and (isinstance(cached[1], ModelProfile) or self.clock() - cached[0] < PROFILE_RETRY_SECONDS):
             return cached[1]
-        try:
-            result: ModelProfile | str = self.resolve(model.source, dtype=model.dtype, revision=model.revision)
-        except ModelMetadataError as error:
-            result = str(error)
+        result = await asyncio.to_thread(self._read_model, model.source, dtype=model.dtype, revision=model.revision)
         self._profiles[key] = (self.clock(), result)
         return result
+
+    def _read_model(self, source: str, *, dtype: str | None, revision: str | None) -> ModelProfile | tuple[str, str]:
+        try:
+            profile = self.resolve(source, dtype=dtype, revision=revision)
+            refusal = self.split_check(source, revision=revision, num_layers=profile.num_layers)
+        except ModelMetadataError as error:
+            return (error.reason, str(error))
+        return ("UnsplittableModel", refusal) if refusal else profile
 
     async def reconcile(self) -> None:
         deployments, _ = self.store.list("ModelDeployment")
@@ -147,19 +198,36 @@ class SchedulerController(Controller):
         """Converge one deployment. Returns until when it is settled if nothing had to be written
         (forever, or until a missing model is looked for again), None when it wrote something."""
         key, uid = deployment_key(deployment), deployment.metadata.uid
-        ours = {s.metadata.name: s for s in shards if s.spec.deployment == key and s.spec.deploymentUid == uid}
+        all_ours = [s for s in shards if s.spec.deployment == key and s.spec.deploymentUid == uid]
+        revision = max((shard_revision(s) for s in all_ours), default=0)
+        # The newest placement is the one converged; older ones only serve until it is Ready.
+        ours = {s.metadata.name: s for s in all_ours if shard_revision(s) == revision}
+        older = {s.metadata.name for s in all_ours} - ours.keys()
         problem: tuple[str, str] | None = None
-        profile = self.profile(deployment)
-        if isinstance(profile, str):
-            problem, desired = ("ModelNotFound", profile), {}
+        unused: dict[str, str] | None = None  # Spread: nodes left without layers, and why
+        profile = await self.profile(deployment)
+        ready_nodes = {n.metadata.name for n in nodes if node_is_ready(n)}
+        if not isinstance(profile, ModelProfile):
+            problem, desired = profile, {}
         else:
-            plan = place(deployment=deployment, nodes=nodes, shards=shards, profile=profile)
-            desired = desired_shards(deployment, plan)
+            plan = place(deployment=deployment, nodes=nodes, shards=[s for s in shards if s.metadata.name not in older],
+                         profile=profile)
+            desired = desired_shards(deployment, plan, revision=revision)
+            unused = plan.unused if deployment.spec.placement.strategy == "Spread" else None
             if not plan.schedulable:
                 problem = ("Unschedulable", plan.reason or "cannot be placed")
+            elif _moves(desired, ours) and placement_serving(list(ours.values()), ready_nodes=ready_nodes):
+                short = room_for_both(deployment=deployment, nodes=nodes, shards=shards, plan=plan)
+                if short is None:  # make before break: a new set beside the serving one
+                    revision += 1
+                    log.info("placing %s again as revision %d beside the serving one", key, revision)
+                    ours, desired = {}, desired_shards(deployment, plan, revision=revision)
+                else:
+                    log.warning("placing %s again in place (break before make): %s", key, short)
         wrote, conflicts = False, []
         if problem is None or desired:
             wrote, conflicts = await self._converge(desired, ours, key=key)
+        wrote = await self._collect_old_placements(key=key, uid=uid, ready_nodes=ready_nodes) or wrote
         if conflicts and problem is None:
             problem = ("ShardNameConflict", "; ".join(conflicts))
         shards_now = [s for s in self.store.list("Shard")[0]
@@ -169,7 +237,7 @@ class SchedulerController(Controller):
             return None
         api_urls = {n.metadata.name: f"http://{n.spec.address}:{n.spec.apiPort}" for n in nodes}
         status = deployment_status(deployment=live, shards=shards_now, problem=problem, now=utcnow_iso(),
-                                   api_urls=api_urls)
+                                   api_urls=api_urls, unused_nodes=unused)
         if not _same(status, live.get("status")):
             wrote = True
             try:
@@ -182,7 +250,7 @@ class SchedulerController(Controller):
         if wrote:
             return None
         # A model that could not be read, or a shard name taken, is looked at again after a pause.
-        retried = problem and problem[0] in ("ModelNotFound", "ShardNameConflict")
+        retried = problem and problem[0] in RETRIED_REASONS
         return self.clock() + PROFILE_RETRY_SECONDS if retried else float("inf")
 
     async def _converge(self, desired: dict[str, dict[str, Any]], ours: dict[str, Shard], *,
@@ -221,6 +289,24 @@ class SchedulerController(Controller):
             wrote = True
             await self._delete_shard(name)
         return wrote, conflicts
+
+    async def _collect_old_placements(self, *, key: str, uid: str | None, ready_nodes: set[str]) -> bool:
+        """Delete older placements of a deployment once a newer one serves: all but the newest when
+        it is Ready, else all but the newest and the newest that serves. Whether it deleted any."""
+        by_revision: dict[int, list[Shard]] = {}
+        for raw in self.store.list("Shard")[0]:
+            if raw["spec"]["deployment"] == key and raw["spec"].get("deploymentUid") == uid:
+                shard = Shard.model_validate(raw)
+                by_revision.setdefault(shard_revision(shard), []).append(shard)
+        keep = {max(by_revision, default=0)}
+        serving = [r for r in sorted(by_revision, reverse=True)
+                   if placement_serving(by_revision[r], ready_nodes=ready_nodes)]
+        if serving and serving[0] not in keep:
+            keep.add(serving[0])
+        stale = [s.metadata.name for r, group in by_revision.items() if r not in keep for s in group]
+        for name in stale:
+            await self._delete_shard(name)
+        return bool(stale)
 
     def _holder(self, name: str) -> str | None:
         """The NAMESPACE/NAME of the deployment whose shard is called ``name``, if one exists."""

@@ -2,12 +2,17 @@
 node's stage server, reports their phase, and unloads the ones that are no longer its own.
 
 Weights are read on each shard's own MLX compute thread, layer by layer with progress; the event
-loop only schedules and writes status. A shard is reloaded only when what it holds changes (model,
-dtype or layer range), not when unrelated fields of its spec do.
+loop only schedules and writes status, and never waits for a thread: a cancelled load or an
+unloaded shard is joined off the loop and its memory handed back when its thread finishes. A
+deleted shard that still has requests in flight keeps serving them (at most DRAIN_SECONDS) while
+the router already sends new ones elsewhere, so a re-placement interrupts nothing. A shard is
+reloaded only when what it holds changes (model, dtype or layer range), not when unrelated fields
+of its spec do.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import time
@@ -26,9 +31,16 @@ from reconciler.store.base import Store, StoreError, StoreUnavailable, make_comm
 
 log = logging.getLogger(__name__)
 PROGRESS_STEP = 0.25   # report Loading progress in steps this big (each report is a Raft write)
+DRAIN_SECONDS = 60.0   # a deleted shard serves its requests in flight at most this long
+DRAIN_POLL_SECONDS = 0.25
 
 LoadKey = tuple[str, str | None, int, int, str | None]  # source, revision, start, end, dtype
 Loader = Callable[..., Awaitable[ShardModel]]
+
+
+def _release_memory() -> None:
+    gc.collect()
+    mx.clear_cache()  # hand the freed buffers back to the system
 
 
 def load_key(shard: dict[str, Any]) -> LoadKey:
@@ -57,6 +69,8 @@ class ShardAgent(Controller):
         self.loaded: dict[str, Loaded] = {}
         self.loading: dict[str, tuple[LoadKey, asyncio.Task[None]]] = {}
         self.failed: dict[str, tuple[LoadKey, str]] = {}
+        self.draining: dict[str, asyncio.Task[None]] = {}
+        self._reaping: set[asyncio.Task[None]] = set()
 
     def mine(self) -> dict[str, dict[str, Any]]:
         return {s["metadata"]["name"]: s for s in self.store.list("Shard")[0] if s["spec"]["nodeName"] == self.node_name}
@@ -65,8 +79,13 @@ class ShardAgent(Controller):
         mine = self.mine()
         # Unload what is no longer ours, or no longer what we hold.
         for name in list(self.loaded):
-            if name not in mine or load_key(mine[name]) != self.loaded[name].key:
+            if name not in mine and self.stage_server.active_requests(name):
+                self._drain(name)
+            elif name not in mine or load_key(mine[name]) != self.loaded[name].key:
                 self.unload(name)
+        for name in [n for n in self.draining if n in mine]:  # the name is back: free it for the new load
+            self.draining.pop(name).cancel()
+            self.unload(name)
         for name in list(self.loading):
             if name not in mine or load_key(mine[name]) != self.loading[name][0]:
                 self.loading.pop(name)[1].cancel()
@@ -91,9 +110,12 @@ class ShardAgent(Controller):
         def on_progress(fraction: float, done: int) -> None:  # on the compute thread
             if fraction - reported[0] >= PROGRESS_STEP and fraction < 1.0:
                 reported[0] = fraction
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(
-                    self._report(self.store.get(("Shard", "", name)) or shard, phase="Loading",
-                                 progress=round(fraction, 2), bytes_loaded=done)))
+                loop.call_soon_threadsafe(report_progress, round(fraction, 2), done)
+
+        def report_progress(fraction: float, done: int) -> None:  # on the loop; not for a cancelled load
+            if self.loading.get(name, (None,))[0] == key:
+                asyncio.ensure_future(self._report(self.store.get(("Shard", "", name)) or shard, phase="Loading",
+                                                   progress=fraction, bytes_loaded=done))
 
         try:
             await self._report(shard, phase="Loading", progress=0.0)
@@ -101,6 +123,7 @@ class ShardAgent(Controller):
             log.info("loading shard %s: layers %d-%d of %s", name, key[2], key[3] - 1, path)
             model = await self.loader(path, start=key[2], end=key[3], progress=on_progress, dtype=key[4])
         except asyncio.CancelledError:
+            log.info("shard %s: load cancelled (its thread stops at the next layer)", name)
             raise
         except Exception as error:  # noqa: BLE001 — MLX reports unreadable weights as RuntimeError
             expected = isinstance(error, (ModelFilesError, ShardLoadError, OSError, ValueError, RuntimeError))
@@ -123,22 +146,48 @@ class ShardAgent(Controller):
         await self._report_latest(name, shard, phase="Ready", progress=1.0, bytes_loaded=model.nbytes)
 
     def unload(self, name: str) -> None:
-        loaded = self.loaded.pop(name)
+        """Stop serving ``name`` now; its thread is joined and its memory freed off the loop."""
+        loaded = self.loaded.pop(name, None)
+        if loaded is None:
+            return
         log.info("unloading shard %s", name)
         try:
             self.stage_server.remove_shard(name)
         except KeyError:
             pass
-        loaded.model.close()
+        joined = loaded.model.close()
         del loaded
-        gc.collect()
-        mx.clear_cache()  # hand the freed buffers back to the system
+        task = asyncio.create_task(self._free(name, joined), name=f"free-shard:{name}")
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def _free(self, name: str, joined: concurrent.futures.Future[None]) -> None:
+        await asyncio.wrap_future(joined)
+        await asyncio.to_thread(_release_memory)  # the loop has dropped its references by now
+        log.info("shard %s unloaded: its thread has finished and its memory is freed", name)
+
+    def _drain(self, name: str) -> None:
+        if name not in self.draining:
+            log.info("shard %s was deleted; serving its %d requests in flight before unloading it",
+                     name, self.stage_server.active_requests(name))
+            self.draining[name] = asyncio.create_task(self._drain_then_unload(name), name=f"drain-shard:{name}")
+
+    async def _drain_then_unload(self, name: str) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.stage_server.active_requests(name) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        self.draining.pop(name, None)
+        if name not in self.mine():
+            self.unload(name)
 
     async def close(self) -> None:
-        for _, task in self.loading.values():
+        """Cancel loads and unload everything without waiting for any compute thread."""
+        for task in [t for _, t in self.loading.values()] + list(self.draining.values()):
             task.cancel()
-        await asyncio.gather(*(t for _, t in self.loading.values()), return_exceptions=True)
+        await asyncio.gather(*(t for _, t in self.loading.values()), *self.draining.values(),
+                             return_exceptions=True)
         self.loading.clear()
+        self.draining.clear()
         for name in list(self.loaded):
             self.unload(name)
 

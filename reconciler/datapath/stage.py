@@ -91,7 +91,7 @@ class _Request:
     origin: _Peer
     next_hop: _Peer | None
     sampling: SamplingParams
-    rng_key: Any = None  # per-request random key, split once per sampled token
+    sampler: RequestSampler  # built when the request is opened
     cache: list[Any] | None = None
     offset: int = 0
     ended: bool = False
@@ -105,22 +105,37 @@ class StageError(RuntimeError):
     """A request cannot go on at this stage (reported to the origin, never raised to the loop)."""
 
 
-def _sample(request: _Request, logprobs: mx.array) -> int:
-    """Greedy at temperature 0, else top-p + categorical with the request's own key (the same
-    draws as mlx_lm's make_sampler after mx.random.seed(seed))."""
-    params = request.sampling
-    if params.temperature == 0:
-        return int(mx.argmax(logprobs, axis=-1).item())
-    if request.rng_key is None:
-        # An OPEN without a seed (the pipeline client always sends one) draws its own.
-        request.rng_key = mx.random.key(secrets.randbits(62) if params.seed is None else params.seed)
-    request.rng_key, draw_key = mx.random.split(request.rng_key)
-    if 0 < params.top_p < 1.0:
-        from mlx_lm.sample_utils import apply_top_p  # imported on first use: mlx_lm takes seconds to import
+class RequestSampler:
+    """mlx-lm's sampling for one request, with the request's own random key.
 
-        logprobs = apply_top_p(logprobs, params.top_p)
-    token = mx.random.categorical(logprobs * (1.0 / params.temperature), key=draw_key)
-    return int(token.item())
+    mlx_lm.sample_utils.make_sampler draws from mlx's global random state (its
+    ``categorical_sampling`` is compiled over ``mx.random.state``, which mlx lets one reseed with an
+    int but never set to a key), so requests sharing a process would share one stream and a seeded
+    request would depend on the others. So this chains mlx-lm's own filters as make_sampler does
+    (``apply_top_p``) and draws ``categorical(logprobs / temp)`` with a key split off the
+    request's: the same tokens as make_sampler after ``mx.random.seed(seed)``."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.temperature = params.temperature
+        self._filters: list[Any] = []
+        # An OPEN without a seed (the pipeline client always sends one) draws its own.
+        self._seed = secrets.randbits(62) if params.seed is None else params.seed
+        self._key: Any = None  # made on the compute thread, at the first draw (MLX streams are per thread)
+        if self.temperature == 0:
+            return
+        # Not at module level (mlx_lm takes seconds to import); loading a shard imported it already.
+        from mlx_lm.sample_utils import apply_top_p
+
+        if 0 < params.top_p < 1.0:
+            self._filters.append(lambda logprobs: apply_top_p(logprobs, params.top_p))
+
+    def __call__(self, logprobs: mx.array) -> int:
+        if self.temperature == 0:
+            return int(mx.argmax(logprobs, axis=-1).item())
+        for apply in self._filters:
+            logprobs = apply(logprobs)
+        self._key, draw = mx.random.split(self._key if self._key is not None else mx.random.key(self._seed))
+        return int(mx.random.categorical(logprobs * (1.0 / self.temperature), key=draw).item())
 
 
 def _compute(request: _Request, frame: Frame) -> Frame | None:
@@ -147,7 +162,7 @@ def _compute(request: _Request, frame: Frame) -> Frame | None:
         return Frame(Kind.ACK, request.request_id, stage=request.stage, position=request.offset)
     logits = out[:, -1, :]
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=_sample(request, logprobs))
+    return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=request.sampler(logprobs))
 
 
 def _release(request: _Request) -> None:
@@ -363,6 +378,7 @@ class StageServer:
         request = _Request(
             request_id=frame.request_id, stage=frame.stage, shard_name=spec.shard, shard=shard,
             origin=peer, next_hop=link, sampling=spec.sampling,
+            sampler=RequestSampler(spec.sampling),
         )  # fmt: skip
         old = self._requests.get(request.key)
         if old is not None:

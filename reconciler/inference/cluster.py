@@ -13,11 +13,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.controllers.deployment_status import shard_ready
+from reconciler.controllers.deployment_status import placement_revision, shard_ready
 from reconciler.datapath import pipeline as datapath
 from reconciler.datapath.wire import StageAddress
 from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
 from reconciler.inference.context import read_context_length
+from reconciler.models.memory import reserved_context_length
 from reconciler.runtime.model_files import TOKENIZER_PATTERNS, ModelFilesError, local_model_path
 from reconciler.store.base import Store
 from reconciler.store.state import StoreState
@@ -55,18 +56,20 @@ def deployment_name(deployment: dict[str, Any]) -> str:
 
 
 def ready_routes(deployment: dict[str, Any], shards: list[dict[str, Any]]) -> list[list[StageAddress]]:
-    """Stage routes of every replica whose shards are all Ready, in stage order."""
+    """Stage routes of every replica whose shards are all Ready, in stage order: per replica, its
+    newest placement revision that is whole and Ready (an older one serves until then)."""
     key = f"{deployment['metadata'].get('namespace', 'default')}/{deployment['metadata']['name']}"
-    replicas: dict[int, list[dict[str, Any]]] = {}
+    replicas: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for shard in shards:
         spec = shard["spec"]
         if spec["deployment"] == key and spec.get("deploymentUid") == deployment["metadata"].get("uid"):
-            replicas.setdefault(spec["replica"], []).append(shard)
-    routes = []
-    for replica in sorted(replicas):
-        stages = sorted(replicas[replica], key=lambda s: s["spec"]["index"])
-        if len(stages) != stages[0]["spec"]["stages"] or not all(shard_ready(s) for s in stages):
+            replicas.setdefault((spec["replica"], placement_revision(shard)), []).append(shard)
+    routes, routed = [], set()
+    for replica, revision in sorted(replicas, key=lambda k: (k[0], -k[1])):
+        stages = sorted(replicas[(replica, revision)], key=lambda s: s["spec"]["index"])
+        if replica in routed or len(stages) != stages[0]["spec"]["stages"] or not all(shard_ready(s) for s in stages):
             continue
+        routed.add(replica)
         route = []
         for shard in stages:
             host, _, port = shard["status"]["dataEndpoint"].rpartition(":")
@@ -151,6 +154,10 @@ class ClusterBackend:
             raise NotReady(f"model {model!r} is not ready: {_not_ready_reason(deployment)}", retry_after=RETRY_AFTER)
         spec = deployment["spec"]["model"]
         tokenizer, context_length = self._tokenizer(spec["source"], spec.get("revision"))
+        # Never more than every stage reserved KV cache for (nor more than the model's own).
+        reserved = reserved_context_length((deployment["spec"].get("resources") or {}).get("contextLength"),
+                                           context_length)
+        context_length = min(reserved, context_length) if context_length else reserved
         route = routes[next(self._round_robin) % len(routes)]
         return ClusterModel(tokenizer=tokenizer, route=route, client=self.client, context_length=context_length,
                             closing=lambda: self.closing)

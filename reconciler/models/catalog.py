@@ -11,6 +11,7 @@ from reconciler.models.metadata import (
     QUANTIZED_DTYPE_BITS,
     ModelMetadataError,
     ModelProfile,
+    UnsupportedDtype,
     profile_from_config,
     profile_from_directory,
     read_config,
@@ -94,6 +95,8 @@ _CATALOG_LOWER = {repo.lower(): repo for repo in CATALOG}
 class ModelNotFound(ModelMetadataError):
     """The source is neither a local model, nor in the local Hugging Face cache, nor in the catalog."""
 
+    reason = "ModelNotFound"
+
 
 def catalog_profile(repo: str, *, dtype: str | None = None) -> ModelProfile | None:
     """The estimated profile of a catalog model (``org/name``), in its own dtype unless ``dtype``."""
@@ -138,7 +141,7 @@ def resolve_profile(
     cache, else the catalog. ``dtype`` (spec.model.dtype) different from the files' own dtype gives
     the estimate for that dtype, computed from the model's config."""
     if dtype is not None and dtype not in FLOAT_DTYPE_BYTES and dtype not in QUANTIZED_DTYPE_BITS:
-        raise ModelMetadataError(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
     if not source.startswith("hf://"):
         path = Path(source).expanduser()
         if not path.is_dir():
@@ -157,12 +160,31 @@ def resolve_profile(
     return profile
 
 
+def local_model_dir(source: str, *, revision: str | None = None, hf_cache: Path | None = None) -> Path | None:
+    """The directory on this machine that holds ``source`` (a local path or a cached hf:// model), if any."""
+    if not source.startswith("hf://"):
+        path = Path(source).expanduser()
+        return path if path.is_dir() else None
+    return hf_cache_snapshot(source[len("hf://"):], revision=revision, cache_dir=hf_cache)
+
+
+def split_refusal_of(source: str, *, revision: str | None, num_layers: int) -> str | None:
+    """Why the model at ``source`` cannot be cut into pipeline stages (mlx-lm's own model classes
+    decide), or None when it can or is not on this machine. Blocking: imports mlx-lm (seconds)."""
+    directory = local_model_dir(source, revision=revision)
+    if directory is None:
+        return None
+    from reconciler.runtime.stage_split import split_refusal
+
+    return split_refusal(read_config(directory), num_layers=num_layers)
+
+
 def _from_directory(path: Path, *, dtype: str | None, name: str) -> ModelProfile:
     profile = profile_from_directory(path, name=name)
     if dtype is None or dtype == profile.dtype:
         return profile
     if profile.quantization_bits:  # the loader quantizes float files, never re-quantizes or dequantizes
-        raise ModelMetadataError(
+        raise UnsupportedDtype(
             f"spec.model.dtype: {dtype} cannot be honoured: {name} is quantized ({profile.dtype}); "
             f"deploy it with dtype {profile.dtype} or none"
         )

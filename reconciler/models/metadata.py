@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from exo_ctl.api.meta import Frozen
+from reconciler.models.memory import serving_fields
 
 FLOAT_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 QUANTIZED_DTYPE_BITS = {"4bit": 4, "8bit": 8}
@@ -28,7 +29,22 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class ModelMetadataError(ValueError):
-    """A model's files or config cannot be measured; the message names the file or field."""
+    """A model's files or config cannot be measured; the message names the file or field.
+    ``reason`` is the condition reason the scheduler reports."""
+
+    reason = "InvalidModelFiles"
+
+
+class InvalidModelConfig(ModelMetadataError):
+    """config.json is missing, unreadable, or lacks a field planning needs."""
+
+    reason = "InvalidModelConfig"
+
+
+class UnsupportedDtype(ModelMetadataError):
+    """spec.model.dtype is unknown or cannot be honoured for this model."""
+
+    reason = "UnsupportedDtype"
 
 
 class ModelProfile(Frozen):
@@ -50,12 +66,26 @@ class ModelProfile(Frozen):
     tie_word_embeddings: bool = False
     quantization_bits: int | None = None
     quantization_group_size: int | None = None
+    # What serving adds to the weights (see reconciler.models.memory); empty lists: not known.
+    kv_bytes_per_token: list[int] = Field(default_factory=list, description="per layer: K+V bytes one token adds")
+    kv_window: list[int] = Field(default_factory=list, description="per layer: most positions kept (0: all)")
+    context_length: int | None = Field(default=None, ge=1, description="the config's max_position_embeddings")
+    num_attention_heads: int = Field(default=0, ge=0)
+    intermediate_size: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelProfile":
         if len(self.layer_bytes) != self.num_layers:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries for {self.num_layers} layers")
+        for name in ("kv_bytes_per_token", "kv_window"):
+            if (entries := len(getattr(self, name))) not in (0, self.num_layers):
+                raise ValueError(f"{name} has {entries} entries for {self.num_layers} layers")
         return self
+
+    @property
+    def activation_dtype_bytes(self) -> int:
+        """Bytes per activation (and per KV entry): quantized weights compute in 16-bit floats."""
+        return FLOAT_DTYPE_BYTES.get(self.dtype, 2)
 
     def stage_bytes(self, start: int, end: int, *, first: bool, last: bool) -> int:
         """Memory of a stage holding layers [start, end), plus embedding/head when first/last."""
@@ -132,6 +162,7 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
         tie_word_embeddings=tied,
         quantization_bits=int(bits) if bits else None,
         quantization_group_size=int(quantization.get("group_size", DEFAULT_GROUP_SIZE)) if bits else None,
+        **serving_fields(text, num_layers=num_layers, dtype_bytes=FLOAT_DTYPE_BYTES.get(dtype, 2)),
     )
 
 
@@ -140,13 +171,13 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelMetadataError(f"{file}: not found (a model directory needs config.json)") from None
+        raise InvalidModelConfig(f"{file}: not found (a model directory needs config.json)") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ModelMetadataError(f"{file}: cannot read: {error}") from None
+        raise InvalidModelConfig(f"{file}: cannot read: {error}") from None
     except json.JSONDecodeError as error:
-        raise ModelMetadataError(f"{file}: line {error.lineno}: invalid JSON: {error.msg}") from None
+        raise InvalidModelConfig(f"{file}: line {error.lineno}: invalid JSON: {error.msg}") from None
     if not isinstance(config, dict):
-        raise ModelMetadataError(f"{file}: must hold a JSON object")
+        raise InvalidModelConfig(f"{file}: must hold a JSON object")
     return config
 
 
@@ -211,14 +242,14 @@ def profile_from_config(
     text = _text_config(config)
     where = f"config of {name}" if name else "config"
     if any(text.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        raise ModelMetadataError(f"{where}: mixture-of-experts models cannot be estimated from a config; use the model's files")
+        raise InvalidModelConfig(f"{where}: mixture-of-experts models cannot be estimated from a config; use the model's files")
     quantization = config.get("quantization")
     if isinstance(quantization, dict) and quantization.get("bits"):
         dtype = f"{int(quantization['bits'])}bit"
         group_size = int(quantization.get("group_size", group_size))
     bits = QUANTIZED_DTYPE_BITS.get(dtype)
     if bits is None and dtype not in FLOAT_DTYPE_BYTES:
-        raise ModelMetadataError(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
     float_bytes = FLOAT_DTYPE_BYTES.get(dtype, 2)
 
     hidden = _int_field(text, "hidden_size", where)
@@ -240,7 +271,7 @@ def profile_from_config(
         if bits is None:
             return rows * cols * float_bytes
         if cols % group_size:
-            raise ModelMetadataError(f"{where}: dimension {cols} is not a multiple of group size {group_size}")
+            raise UnsupportedDtype(f"{where}: dimension {cols} is not a multiple of group size {group_size}")
         return rows * cols * bits // 8 + 2 * rows * (cols // group_size) * 2
 
     def vector(size: int) -> int:
@@ -268,6 +299,7 @@ def profile_from_config(
         tie_word_embeddings=tied,
         quantization_bits=bits,
         quantization_group_size=group_size if bits else None,
+        **serving_fields(text, num_layers=layers, dtype_bytes=float_bytes),
     )
 
 
@@ -282,7 +314,7 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 def _int_field(config: dict[str, Any], key: str, where: object) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelMetadataError(f"{where}: {key} must be a positive integer, got {value!r}")
+        raise InvalidModelConfig(f"{where}: {key} must be a positive integer, got {value!r}")
     return value
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -36,6 +38,10 @@ class ShardLoadError(ValueError):
     """The model directory or the requested layer range cannot be loaded as a shard."""
 
 
+class ShardLoadCancelled(Exception):
+    """The shard's compute thread was closed while it was loading."""
+
+
 class ComputeThread:
     """A single worker thread that owns every MLX call of one loaded shard.
 
@@ -48,6 +54,8 @@ class ComputeThread:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"mlx-{name}"
         )
+        self.closing = threading.Event()  # set by close(); a running load stops at its next layer
+        self._closed: concurrent.futures.Future[None] | None = None
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         return self._executor.submit(fn, *args, **kwargs)
@@ -59,8 +67,24 @@ class ComputeThread:
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> concurrent.futures.Future[None]:
+        """Stop taking jobs and drop the queued ones without waiting: the running job (a load stops
+        at its next layer) finishes on the thread, which is joined off the caller's thread, and
+        MLX's freed buffers go back to the system then. The future resolves once it has joined."""
+        if self._closed is None:
+            self.closing.set()
+            self._closed = concurrent.futures.Future()
+            self._closed.set_running_or_notify_cancel()  # a waiter that gives up cannot cancel it
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            threading.Thread(target=self._join, name=f"mlx-{self.name}-join", daemon=True).start()
+        return self._closed
+
+    def _join(self) -> None:
+        assert self._closed is not None
+        self._executor.shutdown(wait=True)
+        gc.collect()  # the last job's references to the weights are gone now
+        mx.clear_cache()
+        self._closed.set_result(None)
 
 
 @dataclass
@@ -115,9 +139,10 @@ class ShardModel:
         advance_skipped(cache, self.skipped, batch=x.shape[0], length=x.shape[1])
         return out
 
-    def close(self) -> None:
-        """Stop the compute thread; the weights are freed when the last reference goes."""
-        self.compute.close()
+    def close(self) -> concurrent.futures.Future[None]:
+        """Stop the compute thread without waiting (see ``ComputeThread.close``); the weights are
+        freed when the last reference goes."""
+        return self.compute.close()
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -183,6 +208,8 @@ def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: Com
     total, done = max(parameter_bytes(model), 1), 0   # nbytes is known before evaluation
     try:
         for layer in _inner(model, layout).layers[start:end]:  # layer by layer so progress can be reported
+            if compute.closing.is_set():
+                raise ShardLoadCancelled(f"{model_path}: load of layers [{start}, {end}) cancelled")
             mx.eval(layer.parameters())
             done += parameter_bytes(layer)
             if progress is not None:

@@ -13,11 +13,14 @@ from pydantic import Field
 
 from exo_ctl.api.meta import Frozen
 from exo_ctl.api.resources import DEFAULT_NAMESPACE, LayerRange, ModelDeployment, Node, Shard, ShardSpec
+from reconciler.datapath.pipeline import PREFILL_CHUNK
+from reconciler.models.memory import ServingBudget, reserved_context_length
 from reconciler.models.metadata import ModelProfile
 
 GIB = 1024**3
 # Above this many nodes in one replica, new nodes are appended instead of searched into the order.
 _INSERTION_SEARCH_LIMIT = 16
+_NODES_SHOWN = 8  # nodes named, with what they offer, in a reason
 
 
 class ShardAssignment(Frozen):
@@ -30,7 +33,9 @@ class ShardAssignment(Frozen):
     end: int = Field(ge=1)
     total_layers: int = Field(ge=1)
     node: str
-    memory_bytes: int = Field(ge=0)
+    memory_bytes: int = Field(ge=0)  # weights
+    kv_cache_bytes: int = Field(default=0, ge=0)
+    overhead_bytes: int = Field(default=0, ge=0)  # activations + runtime baseline
 
     @property
     def layers(self) -> LayerRange:
@@ -50,6 +55,8 @@ class ShardAssignment(Frozen):
             nodeName=self.node,
             model=deployment.spec.model,
             memoryBytes=self.memory_bytes,
+            kvCacheBytes=self.kv_cache_bytes,
+            overheadBytes=self.overhead_bytes,
         )
 
 
@@ -58,6 +65,7 @@ class PlacementPlan(Frozen):
 
     assignments: list[ShardAssignment] = Field(default_factory=list)
     reason: str | None = None
+    unused: dict[str, str] = Field(default_factory=dict, description="Spread: eligible node → why it got no layers")
 
     @property
     def schedulable(self) -> bool:
@@ -79,6 +87,14 @@ def gib(value: int | float) -> str:
 def node_is_ready(node: Node) -> bool:
     conditions = node.status.conditions if node.status else []
     return any(c.type == "Ready" and c.status == "True" for c in conditions) and not node.metadata.deletionTimestamp
+
+
+def serving_budget(deployment: ModelDeployment, profile: ModelProfile) -> ServingBudget:
+    """The context length and concurrency a deployment's stages reserve KV cache for."""
+    resources = deployment.spec.resources
+    context = reserved_context_length(resources.contextLength, profile.context_length)
+    return ServingBudget(context_length=context, max_concurrent_requests=resources.maxConcurrentRequests,
+                         prefill_chunk=PREFILL_CHUNK)
 
 
 def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard], profile: ModelProfile) -> PlacementPlan:
@@ -104,7 +120,7 @@ def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard]
     headroom = spec.resources.headroom_bytes
     used_by_others: dict[str, int] = {}
     for shard in others:
-        used_by_others[shard.spec.nodeName] = used_by_others.get(shard.spec.nodeName, 0) + shard.spec.memoryBytes
+        used_by_others[shard.spec.nodeName] = used_by_others.get(shard.spec.nodeName, 0) + shard.spec.reserved_bytes
     free = {
         n.metadata.name: max(0, (n.status.allocatable.memory if n.status else 0) - headroom - used_by_others.get(n.metadata.name, 0))
         for n in eligible
@@ -115,8 +131,10 @@ def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard]
 
     assignments: list[ShardAssignment] = []
     taken: set[str] = set()
+    budget = serving_budget(deployment, profile)
+    offered = dict(free)
     for replica in range(spec.replicas):
-        planner = _ReplicaPlanner(deployment=deployment, profile=profile, free=free, taken=taken,
+        planner = _ReplicaPlanner(deployment=deployment, profile=profile, budget=budget, free=free, taken=taken,
                                   previous=_previous_layout(current.get(replica, {}), profile.num_layers),
                                   replicas_left=spec.replicas - replica)
         stages = planner.plan()
@@ -124,12 +142,64 @@ def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard]
             prefix = f"replica {replica}: " if spec.replicas > 1 else ""
             return PlacementPlan(assignments=assignments, reason=prefix + stages)
         for index, (node, start, end) in enumerate(stages):
-            size = profile.stage_bytes(start, end, first=index == 0, last=index == len(stages) - 1)
-            free[node] -= size
+            last = index == len(stages) - 1
+            size = profile.stage_bytes(start, end, first=index == 0, last=last)
+            kv, overhead = budget.kv_cache_bytes(profile, start, end), budget.overhead_bytes(profile, last=last)
+            free[node] -= size + kv + overhead
             taken.add(node)
             assignments.append(ShardAssignment(replica=replica, index=index, stages=len(stages), start=start, end=end,
-                                               total_layers=profile.num_layers, node=node, memory_bytes=size))
-    return PlacementPlan(assignments=assignments)
+                                               total_layers=profile.num_layers, node=node, memory_bytes=size,
+                                               kv_cache_bytes=kv, overhead_bytes=overhead))
+    unused = _unused_nodes(deployment=deployment, profile=profile, budget=budget, offered=offered,
+                           assignments=assignments) if spec.placement.strategy == "Spread" else {}
+    return PlacementPlan(assignments=assignments, unused=unused)
+
+
+def _unused_nodes(*, deployment: ModelDeployment, profile: ModelProfile, budget: ServingBudget,
+                  offered: dict[str, int], assignments: list[ShardAssignment]) -> dict[str, str]:
+    """Why each eligible node of a Spread deployment holds none of its layers."""
+    used = {a.node for a in assignments}
+    smallest = min(size + budget.kv_cache_bytes(profile, i, i + 1) for i, size in enumerate(profile.layer_bytes))
+    smallest += budget.overhead_bytes(profile, last=False)
+    max_nodes = deployment.spec.placement.maxNodes
+    stages = max((a.stages for a in assignments), default=0)
+    out = {}
+    for node in sorted(offered.keys() - used):
+        if offered[node] < smallest:
+            out[node] = f"{gib(offered[node])} free, less than one layer needs with its KV cache ({gib(smallest)})"
+        elif stages >= profile.num_layers:
+            out[node] = (f"the model has {_count(profile.num_layers, 'layer')} and a stage holds at least one: "
+                         f"{_count(stages, 'node')} per replica at most")
+        elif max_nodes is not None and stages >= max_nodes:
+            out[node] = f"maxNodes is {max_nodes}"
+        else:
+            out[node] = f"each of the {deployment.spec.replicas} replicas is spread over its own {_count(stages, 'node')}"
+    return out
+
+
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}{'' if number == 1 else 's'}"
+
+
+def room_for_both(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard],
+                  plan: PlacementPlan) -> str | None:
+    """Make-before-break check: None when every node of ``plan`` can hold, at once, every shard
+    it has now (``shards``: all deployments, the old placement included) and the plan's new
+    shards on it; otherwise why not, naming the first node short of memory."""
+    headroom = deployment.spec.resources.headroom_bytes
+    allocatable = {n.metadata.name: n.status.allocatable.memory if n.status else 0 for n in nodes}
+    used: dict[str, int] = {}
+    for shard in shards:
+        used[shard.spec.nodeName] = used.get(shard.spec.nodeName, 0) + shard.spec.reserved_bytes
+    new: dict[str, int] = {}
+    for a in plan.assignments:
+        new[a.node] = new.get(a.node, 0) + a.memory_bytes + a.kv_cache_bytes + a.overhead_bytes
+    for node in sorted(new):
+        room = allocatable.get(node, 0) - headroom - used.get(node, 0)
+        if new[node] > room:
+            return (f"node {node} cannot hold the new placement ({gib(new[node])}) beside what it holds now "
+                    f"({gib(used.get(node, 0))} of {gib(allocatable.get(node, 0))}, headroom {gib(headroom)})")
+    return None
 
 
 Stage = tuple[str, int, int]  # node, start, end
@@ -156,20 +226,22 @@ def _previous_layout(by_index: dict[int, Shard], num_layers: int) -> list[Stage]
 class _ReplicaPlanner:
     """Chooses nodes and layer ranges for one replica."""
 
-    def __init__(self, *, deployment: ModelDeployment, profile: ModelProfile, free: dict[str, int],
-                 taken: set[str], previous: list[Stage], replicas_left: int):
+    def __init__(self, *, deployment: ModelDeployment, profile: ModelProfile, budget: ServingBudget,
+                 free: dict[str, int], taken: set[str], previous: list[Stage], replicas_left: int):
         placement = deployment.spec.placement
-        self.profile, self.free, self.previous = profile, free, previous
+        self.profile, self.budget, self.free, self.previous = profile, budget, free, previous
         self.strategy = placement.strategy
         self.min_nodes = placement.minNodes
         self.max_nodes = min(placement.maxNodes or profile.num_layers, profile.num_layers)
         self.replicas_left = replicas_left
         self.taken = taken
+        # Per layer: its weights and its KV cache.
+        self.layer_cost = [size + budget.kv_cache_bytes(profile, i, i + 1) for i, size in enumerate(profile.layer_bytes)]
         self.prefix = [0]
-        for size in profile.layer_bytes:
+        for size in self.layer_cost:
             self.prefix.append(self.prefix[-1] + size)
         self.previous_ranges = {node: (start, end) for node, start, end in previous}
-        smallest_stage = min(profile.layer_bytes)
+        smallest_stage = min(self.layer_cost) + budget.overhead_bytes(profile, last=False)
         # A node that cannot hold even one layer is no candidate.
         self.usable = sorted((n for n, size in free.items() if size >= smallest_stage),
                              key=lambda n: (-free[n], n))
@@ -292,7 +364,7 @@ class _ReplicaPlanner:
         return cost[count][layers], stages[::-1]
 
     def _stage_bytes(self, start: int, end: int, *, first: bool, last: bool) -> int:
-        size = self.prefix[end] - self.prefix[start]
+        size = self.prefix[end] - self.prefix[start] + self.budget.overhead_bytes(self.profile, last=last)
         if first:
             size += self.profile.embedding_bytes
         if last:
@@ -307,11 +379,22 @@ class _ReplicaPlanner:
         return f"minNodes is {self.min_nodes}, but only {_nodes(len(pool))} with room for a layer"
 
     def _does_not_fit(self, chosen: list[str]) -> str:
+        """Weights, KV cache and overhead needed, against what each node offers."""
         offer = sum(self.free[n] for n in chosen)
         limit = " (maxNodes)" if len(chosen) < len(self.usable) and len(chosen) == self.max_nodes else ""
-        reason = f"needs {gib(self.profile.total_bytes)}, {_nodes(len(chosen), ready=True)}{limit} offer {gib(offer)}"
-        if offer >= self.profile.total_bytes:
-            reason += f"; no split of {self.profile.num_layers} layers fits each node's memory"
+        stages = max(1, min(len(chosen), self.profile.num_layers))
+        budget, profile = self.budget, self.profile
+        kv = budget.kv_cache_bytes(profile, 0, profile.num_layers)
+        overhead = budget.overhead_bytes(profile, last=True) + (stages - 1) * budget.overhead_bytes(profile, last=False)
+        needed = profile.total_bytes + kv + overhead
+        shown = ", ".join(f"{n} {gib(self.free[n])}" for n in chosen[:_NODES_SHOWN])
+        shown += ", ..." if len(chosen) > _NODES_SHOWN else ""
+        reason = (f"needs {gib(profile.total_bytes)} of weights + {gib(kv)} of KV cache "
+                  f"({budget.max_concurrent_requests} requests × {budget.context_length} tokens) + {gib(overhead)} of "
+                  f"activations and runtime, {_nodes(len(chosen), ready=True)}{limit} offer {gib(offer)}"
+                  + (f" ({shown})" if chosen else ""))
+        if offer >= needed:
+            reason += f"; no split of {profile.num_layers} layers fits each node's memory"
         return reason
 
 
@@ -352,10 +435,11 @@ def _no_nodes_reason(*, nodes: list[Node], ready: list[Node], selector: dict[str
 
 
 def render_plan(plan: PlacementPlan) -> str:
-    """The plan as a table (REPLICA, STAGE, NODE, LAYERS, MEMORY), for ``apply --dry-run=server``."""
-    rows = [("REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY")]
+    """The plan as a table (REPLICA, STAGE, NODE, LAYERS, MEMORY of weights, KV CACHE, OVERHEAD)."""
+    rows = [("REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY", "KV CACHE", "OVERHEAD")]
     for a in plan.assignments:
-        rows.append((str(a.replica), f"{a.index + 1}/{a.stages}", a.node, str(a.layers), gib(a.memory_bytes)))
+        rows.append((str(a.replica), f"{a.index + 1}/{a.stages}", a.node, str(a.layers), gib(a.memory_bytes),
+                     gib(a.kv_cache_bytes), gib(a.overhead_bytes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] if plan.assignments else []
     if plan.reason:

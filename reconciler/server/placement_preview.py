@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from exo_ctl.api.resources import ModelDeployment, Node, Shard
-from reconciler.models.catalog import resolve_profile
+from reconciler.models.catalog import resolve_profile, split_refusal_of
 from reconciler.models.metadata import ModelMetadataError
 from reconciler.scheduler.placement import deployment_key, place
 from reconciler.store.base import Store
@@ -23,17 +23,21 @@ PLACEMENT_HEADER = "X-Exo-Placement"
 
 
 def placement_preview(store: Store, obj: dict[str, Any]) -> dict[str, Any]:
-    """``{"assignments": [{replica, index, stages, node, layers: {start, end}, memoryBytes}], "problem",
-    "reason"}`` for the (not yet written) deployment ``obj``. ``problem`` is null when every replica
-    fits, else the Ready condition's reason the scheduler would set (Unschedulable, ModelNotFound)
+    """``{"assignments": [{replica, index, stages, node, layers: {start, end}, memoryBytes, kvCacheBytes,
+    overheadBytes}], "problem", "reason"}`` for the (not yet written) deployment ``obj``. ``problem``
+    is null when every replica fits, else the Ready condition's reason the scheduler would set
+    (Unschedulable, ModelNotFound, InvalidModelConfig, UnsupportedDtype, UnsplittableModel ...)
     and ``reason`` says why.
     Blocking (reads the model's file headers): call it off the event loop."""
     deployment = ModelDeployment.model_validate(obj)
     model = deployment.spec.model
     try:
         profile = resolve_profile(model.source, dtype=model.dtype, revision=model.revision)
+        refusal = split_refusal_of(model.source, revision=model.revision, num_layers=profile.num_layers)
     except ModelMetadataError as error:
-        return {"assignments": [], "problem": "ModelNotFound", "reason": str(error)}
+        return {"assignments": [], "problem": error.reason, "reason": str(error)}
+    if refusal:
+        return {"assignments": [], "problem": "UnsplittableModel", "reason": refusal}
     nodes = [Node.model_validate(n) for n in store.list("Node")[0]]
     key = deployment_key(deployment)
     # The object being previewed replaces whatever it was: its own current shards count as "current".
@@ -43,7 +47,8 @@ def placement_preview(store: Store, obj: dict[str, Any]) -> dict[str, Any]:
     return {
         "assignments": [
             {"replica": a.replica, "index": a.index, "stages": a.stages, "node": a.node,
-             "layers": {"start": a.start, "end": a.end}, "memoryBytes": a.memory_bytes}
+             "layers": {"start": a.start, "end": a.end}, "memoryBytes": a.memory_bytes,
+             "kvCacheBytes": a.kv_cache_bytes, "overheadBytes": a.overhead_bytes}
             for a in plan.assignments
         ],
         "problem": None if plan.schedulable else "Unschedulable",

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from examples.build_model import build_model
+from exo_ctl.model_builder.build_model import build_model
 from exo_ctl.api.resources import ModelDeployment
 from reconciler.controllers.scheduler import MAX_NAME, SchedulerController, shard_name
 from reconciler.store.base import make_command

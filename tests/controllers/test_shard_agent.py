@@ -1,14 +1,17 @@
 """The shard agent loads the Shards the scheduler gives its node with real MLX, reports their
 phase, and unloads what is no longer its own (in-memory store, the tiny model)."""
+import asyncio
 import shutil
+import threading
 
 import pytest
 
-from examples.build_model import build_model
+from exo_ctl.model_builder.build_model import build_model
 from reconciler.controllers.scheduler import SchedulerController
 from reconciler.controllers.shard_agent import ShardAgent
 from reconciler.datapath.stage import StageServer
 from reconciler.models.metadata import profile_from_directory
+from reconciler.runtime.shard_model import open_shard
 from reconciler.store.base import make_command
 from reconciler.store.memory import MemoryStore
 from tests.controllers.test_scheduler import add_node, md_body
@@ -85,3 +88,41 @@ async def test_a_deleted_deployment_leaves_the_agent_holding_nothing(tiny_model)
     await scheduler.reconcile()
     await settle(agent)
     assert agent.loaded == {} and store.list("Shard")[0] == []
+
+
+async def test_a_load_cancelled_mid_layer_ends_without_waiting_for_its_thread(tiny_model):
+    """The loader's progress blocks the compute thread on a gate the test holds: the cancelled load
+    task must finish while the thread is still stuck, then the thread stops at its next layer."""
+    gate = threading.Event()
+    safety = threading.Timer(30, gate.set)  # only so a blocked loop cannot hang the suite
+    safety.start()
+    threads: list[threading.Thread] = []
+
+    async def gated_loader(path, *, progress, **kwargs):
+        def on_progress(fraction, done):
+            threads.append(threading.current_thread())
+            gate.wait()
+            progress(fraction, done)
+        return await open_shard(path, progress=on_progress, **kwargs)
+
+    store, scheduler = await scheduled(tiny_model)
+    agent = ShardAgent(store=store, node_name="a", stage_server=StageServer(), data_endpoint="127.0.0.1:1",
+                       loader=gated_loader)
+    try:
+        await agent.reconcile()
+        (_, task), = agent.loading.values()
+        while not threads:  # the thread is inside the load, stuck on the gate
+            await asyncio.sleep(0.01)
+        await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
+        await scheduler.reconcile()
+        await agent.reconcile()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not gate.is_set() and threads[0].is_alive()  # done on the loop while the thread still loads
+        assert agent.loading == {} and agent.loaded == {}
+    finally:
+        gate.set()
+        safety.cancel()
+    await asyncio.to_thread(threads[0].join, 30)
+    assert not threads[0].is_alive()
+    assert len(threads) == 1  # it stopped at the next layer instead of loading the rest

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from examples.build_model import build_model
+from exo_ctl.model_builder.build_model import build_model
 from reconciler.models.metadata import ModelProfile, profile_from_directory
 from tests.cluster import Cluster, ExoProcess, start_cluster
 
@@ -267,13 +267,15 @@ def test_server_dry_run_plans_llama_70b_4bit_on_four_16gib_nodes_and_explains_wh
     assert fits.returncode == 0, fits.stderr
     lines = fits.stdout.splitlines()
     assert lines[0] == "modeldeployment.exo.dev/llama70b created (server dry run)"
-    assert lines[1].split() == ["REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY"]
+    assert lines[1].split() == ["REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY", "KV", "CACHE", "OVERHEAD"]
     rows = [line.split() for line in lines[2:]]
     assert 3 <= len(rows) <= 4, fits.stdout
     assert len({row[2] for row in rows}) == len(rows)
     spans = [tuple(int(x) for x in row[3].split("-")) for row in rows]
     assert [layer for a, b in spans for layer in range(a, b + 1)] == list(range(80)), fits.stdout
-    assert all(float(row[4]) <= 14.0 for row in rows), fits.stdout  # 16 GiB minus the 2 GiB headroom
+    # Weights + KV cache (4 requests × 4096 tokens) + overhead within 16 GiB minus the 2 GiB headroom.
+    assert all(float(row[4]) + float(row[6]) + float(row[8]) <= 14.0 for row in rows), fits.stdout
+    assert all(row[7] == row[9] == "GiB" and float(row[6]) > 0 for row in rows), fits.stdout
     assert get_deployment(world.api, "llama70b") is None  # a dry run writes nothing
 
     manifest = tmp_path / "llama70b-bf16.yaml"
@@ -283,7 +285,8 @@ def test_server_dry_run_plans_llama_70b_4bit_on_four_16gib_nodes_and_explains_wh
     too_big = exoctl(world.api, "apply", "--dry-run=server", "-f", str(manifest))
     assert too_big.returncode == 0, too_big.stderr
     assert too_big.stdout.splitlines()[1].startswith("Unschedulable: needs 131."), too_big.stdout
-    assert "4 Ready nodes offer 56.0 GiB" in too_big.stdout
+    # What each node offers, after the 2 GiB headroom and the tiny deployment's reservation.
+    assert "of KV cache (4 requests × 4096 tokens)" in too_big.stdout and "4 Ready nodes offer 5" in too_big.stdout
 
 
 def test_kill_9_of_a_shard_holder_is_ready_again_on_the_survivors_within_10_seconds(world):
@@ -346,7 +349,8 @@ def test_a_model_too_big_for_the_cluster_is_unschedulable_with_the_reason(world)
     ready = wait_until(lambda: (c := condition(get_deployment(world.api, "huge"), "Ready")).get("reason") and c,
                        timeout=10, what="judged", cluster=world.cluster)
     assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
-    assert ready["message"].startswith("needs 131.") and "3 Ready nodes offer 48.0 GiB" in ready["message"]
+    # 16 GiB minus the default 512 MiB headroom on each of the 3 live nodes.
+    assert ready["message"].startswith("needs 131.") and "3 Ready nodes offer 46.5 GiB" in ready["message"]
     assert shards_of(world.api, "huge") == []
     assert world.api.request("DELETE", f"{MDS}/huge")[0] == 200
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from examples.build_model import SIZES, build_model
+from exo_ctl.model_builder.build_model import SIZES, build_model
 from reconciler.models import (
     CATALOG, ModelMetadataError, ModelNotFound, catalog_profile, profile_from_config, profile_from_directory,
     resolve_profile,

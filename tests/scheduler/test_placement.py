@@ -9,9 +9,13 @@ from exo_ctl.api.resources import (
     Resources, Shard,
 )
 from reconciler.models import ModelProfile, catalog_profile
+from reconciler.models.memory import RUNTIME_BASELINE_BYTES
 from reconciler.scheduler import PlacementPlan, place, render_plan
 
 GIB = 1024**3
+# What a stage of the small test profiles needs besides weights (runtime baseline, activations):
+# given to every node on top of its GiB, so the tables below are about weights.
+STAGE_ALLOWANCE = RUNTIME_BASELINE_BYTES + 2**20
 LLAMA_70B_4BIT = catalog_profile("mlx-community/Llama-3.3-70B-Instruct-4bit")
 LLAMA_70B_BF16 = catalog_profile("meta-llama/Llama-3.3-70B-Instruct")
 
@@ -21,7 +25,7 @@ def node(name, memory_gib, *, ready=True, labels=None):
         metadata=ObjectMeta(name=name, labels=labels or {}),
         spec=NodeSpec(nodeId=name, address="127.0.0.1", apiPort=52415, raftPort=52416),
         status=NodeStatus(
-            allocatable=NodeCapacity(memory=int(memory_gib * GIB)),
+            allocatable=NodeCapacity(memory=int(memory_gib * GIB) + STAGE_ALLOWANCE),
             conditions=[Condition(type="Ready", status="True" if ready else "False")],
         ),
     )
@@ -75,7 +79,7 @@ def assert_valid(plan, nodes, prof, *, headroom=0):
         assert all(a.end - a.start >= 1 for a in stages)
         for a in stages:
             assert a.memory_bytes == prof.stage_bytes(a.start, a.end, first=a.index == 0, last=a.index == a.stages - 1)
-            free[a.node] -= a.memory_bytes
+            free[a.node] -= a.memory_bytes + a.kv_cache_bytes + a.overhead_bytes
     assert all(left >= 0 for left in free.values()), free
 
 
@@ -98,7 +102,9 @@ def test_llama_70b_bf16_does_not_fit_and_the_reason_gives_both_sizes():
     nodes = [node(f"mac-{i}", 16) for i in range(4)]
     plan = place(deployment=deployment(), nodes=nodes, shards=[], profile=LLAMA_70B_BF16)
     assert not plan.schedulable and plan.assignments == []
-    assert plan.reason == "needs 131.4 GiB, 4 Ready nodes offer 64.0 GiB"
+    assert plan.reason == ("needs 131.4 GiB of weights + 5.0 GiB of KV cache (4 requests × 4096 tokens) + 1.2 GiB of "
+                           "activations and runtime, 4 Ready nodes offer 64.5 GiB "
+                           "(mac-0 16.1 GiB, mac-1 16.1 GiB, mac-2 16.1 GiB, mac-3 16.1 GiB)")
 
 
 @pytest.mark.parametrize("memories, layers, expected", [
@@ -154,7 +160,8 @@ def test_node_selector_without_matches_says_so():
 
 @pytest.mark.parametrize("headroom, reason", [
     ("2Gi", None),
-    ("3Gi", "needs 16.0 GiB, 2 Ready nodes offer 14.0 GiB"),
+    ("3Gi", "needs 16.0 GiB of weights + 0.0 GiB of KV cache (4 requests × 4096 tokens) + 0.3 GiB of activations "
+            "and runtime, 2 Ready nodes offer 14.3 GiB (a 7.1 GiB, b 7.1 GiB)"),
 ])
 def test_memory_headroom_is_kept_free_on_every_node(headroom, reason):
     nodes = [node("a", 10), node("b", 10)]
@@ -176,7 +183,7 @@ def test_no_ready_node_is_reported():
 
 
 def test_other_deployments_shards_consume_node_memory():
-    nodes = [node("a", 16), node("b", 16)]
+    nodes = [node("a", 16 + STAGE_ALLOWANCE / GIB), node("b", 16)]  # a holds two stages
     other = deployment("other")
     taken = as_shards(place(deployment=other, nodes=[node("a", 16)], shards=[], profile=profile(12)), other)
     plan = place(deployment=deployment(), nodes=nodes, shards=taken, profile=profile(10))
@@ -194,7 +201,8 @@ def test_pack_uses_the_fewest_and_largest_nodes_with_name_as_tie_break():
 @pytest.mark.parametrize("bounds, stages, reason", [
     ({"minNodes": 3}, 3, None),
     ({"strategy": "Spread", "maxNodes": 2}, 2, None),
-    ({"maxNodes": 2, "minNodes": 1}, 0, "needs 40.0 GiB, 2 Ready nodes (maxNodes) offer 32.0 GiB"),
+    ({"maxNodes": 2, "minNodes": 1}, 0, "needs 40.0 GiB of weights + 0.0 GiB of KV cache (4 requests × 4096 tokens) "
+     "+ 0.3 GiB of activations and runtime, 2 Ready nodes (maxNodes) offer 32.3 GiB (n0 16.1 GiB, n1 16.1 GiB)"),
     ({"minNodes": 5}, 0, "minNodes is 5, but only 4 nodes with room for a layer"),
 ])
 def test_min_and_max_nodes_bound_the_number_of_stages(bounds, stages, reason):
@@ -284,12 +292,14 @@ def test_a_replica_that_does_not_fit_is_named_in_the_reason():
     nodes = [node("a", 16), node("b", 16)]
     plan = place(deployment=deployment(replicas=2), nodes=nodes, shards=[], profile=profile(20))
     assert len(plan.replica(0)) == 2 and plan.replica(1) == []
-    assert plan.reason == "replica 1: needs 20.0 GiB, 2 Ready nodes offer 12.0 GiB"
+    assert plan.reason.startswith("replica 1: needs 20.0 GiB of weights")
+    assert plan.reason.endswith("2 Ready nodes offer 12.0 GiB (a 6.0 GiB, b 6.0 GiB)")
 
 
 def test_nodes_without_room_for_one_layer_report_the_memory_they_offer():
     plan = place(deployment=deployment(), nodes=[node("a", 0.5), node("b", 0.25)], shards=[], profile=profile(4))
-    assert plan.reason == "needs 4.0 GiB, 2 Ready nodes offer 0.8 GiB"
+    assert plan.reason.startswith("needs 4.0 GiB of weights")
+    assert plan.reason.endswith("2 Ready nodes offer 1.0 GiB (a 0.6 GiB, b 0.4 GiB)")
 
 
 def test_zero_replicas_place_nothing():
@@ -314,7 +324,8 @@ def test_random_clusters_never_overcommit_a_node(seed):
 def test_render_plan_shows_nodes_layers_memory_and_the_reason():
     nodes = [node(f"mac-{i}", 16) for i in range(4)]
     text = render_plan(place(deployment=deployment(), nodes=nodes, shards=[], profile=LLAMA_70B_4BIT))
-    assert text.splitlines()[0].split() == ["REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY"]
-    assert text.splitlines()[1].split() == ["0", "1/3", "mac-0", "0-26", "12.7", "GiB"]
+    assert text.splitlines()[0].split() == ["REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY", "KV", "CACHE", "OVERHEAD"]
+    # 27 layers × 8 KV heads of 128 × K and V × 2 bytes × 4096 tokens × 4 requests = 1.7 GiB.
+    assert text.splitlines()[1].split() == ["0", "1/3", "mac-0", "0-26", "12.7", "GiB", "1.7", "GiB", "0.3", "GiB"]
     failed = render_plan(place(deployment=deployment(), nodes=nodes, shards=[], profile=LLAMA_70B_BF16))
-    assert failed == "Unschedulable: needs 131.4 GiB, 4 Ready nodes offer 64.0 GiB"
+    assert failed.startswith("Unschedulable: needs 131.4 GiB of weights + 5.0 GiB of KV cache")

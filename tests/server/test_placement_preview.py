@@ -39,7 +39,9 @@ async def test_bf16_70b_preview_says_how_much_it_needs_and_what_the_nodes_offer(
     await four_16gib_nodes(store)
     preview = placement_preview(store, bf16(LLAMA_70B))
     assert preview == {"assignments": [], "problem": "Unschedulable",
-                       "reason": "needs 131.4 GiB, 4 Ready nodes offer 56.0 GiB"}
+                       "reason": "needs 131.4 GiB of weights + 5.0 GiB of KV cache (4 requests × 4096 tokens) "
+                                 "+ 1.2 GiB of activations and runtime, 4 Ready nodes offer 56.0 GiB "
+                                 "(n1 14.0 GiB, n2 14.0 GiB, n3 14.0 GiB, n4 14.0 GiB)"}
 
 
 async def test_dry_run_apply_carries_the_plan_and_writes_nothing(client, store):

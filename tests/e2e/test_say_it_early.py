@@ -1,0 +1,122 @@
+"""Said early, on three real nodes: a model that cannot be split is refused with its reason
+before any shard exists (``exoctl wait`` exits at once), a 2-layer model spread over 3 nodes says
+which node got nothing and why (status and ``exoctl describe``) and refuses prompts beyond the
+context its stages reserved, and ``apply --dry-run=server``
+shows each stage's KV cache reservation, or the numbers per node when it does not fit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import Cluster, ExoProcess, start_cluster
+from tests.model_files import MAMBA, TWO_LAYER_LLAMA, write_model
+
+pytestmark = pytest.mark.slow
+
+MDS = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
+REPO = Path(__file__).resolve().parents[2]
+EXOCTL = Path(sys.executable).with_name("exoctl")
+
+
+def manifest(name: str, source: Path, **resources: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": {"source": str(source)}, "placement": {"strategy": "Spread"}}
+    if resources:
+        spec["resources"] = resources
+    return {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+
+
+def exoctl(node: ExoProcess, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EXOCTL_SERVER": node.api_url, "EXOCTL_TOKEN": node.secret or ""}
+    return subprocess.run([str(EXOCTL), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def conditions(node: ExoProcess, name: str) -> dict[str, dict[str, Any]]:
+    status, _, body = node.request("GET", f"{MDS}/{name}")
+    return {c["type"]: c for c in ((body or {}).get("status") or {}).get("conditions", [])} if status == 200 else {}
+
+
+def wait_until(predicate, *, timeout: float, what: str, cluster: Cluster) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout}s\n{cluster.logs()[-20000:]}")
+        time.sleep(0.1)
+    return value
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("early")
+    models = {"two": write_model(root / "two", TWO_LAYER_LLAMA, tokenizer=True),
+              "mamba": write_model(root / "mamba", MAMBA, tokenizer=True)}
+    cluster = start_cluster(3, root / "cluster", extra_args=("--memory", "16Gi"))
+    try:
+        wait_until(lambda: len(cluster.nodes[0].request("GET", "/apis/exo.dev/v1alpha1/nodes")[2]["items"]) == 3,
+                   timeout=30, what="3 nodes", cluster=cluster)
+        yield cluster, models, root
+    finally:
+        cluster.close()
+
+
+def test_an_unsplittable_family_is_stalled_with_its_reason_and_exoctl_wait_exits_at_once(world):
+    cluster, models, root = world
+    path = root / "mamba.json"
+    path.write_text(json.dumps(manifest("mamba", models["mamba"])))
+    assert exoctl(cluster.nodes[0], "apply", "-f", str(path)).returncode == 0
+    started = time.monotonic()
+    waited = exoctl(cluster.nodes[1], "wait", "md/mamba", "--for=condition=Ready", "--timeout=120s")
+    assert waited.returncode != 0 and time.monotonic() - started < 60
+    assert "UnsplittableModel" in waited.stderr + waited.stdout and "ArraysCache" in waited.stderr + waited.stdout
+    _, _, shards = cluster.nodes[0].request("GET", "/apis/exo.dev/v1alpha1/shards")
+    assert [s for s in shards["items"] if s["spec"]["deployment"] == "default/mamba"] == []
+
+
+def test_a_two_layer_model_spread_over_three_nodes_serves_on_two_and_says_why_the_third_got_nothing(world):
+    cluster, models, root = world
+    path = root / "two.json"
+    path.write_text(json.dumps(manifest("two", models["two"], contextLength=64)))
+    assert exoctl(cluster.nodes[0], "apply", "-f", str(path)).returncode == 0
+    ready = exoctl(cluster.nodes[0], "wait", "md/two", "--for=condition=Ready", "--timeout=90s")
+    assert ready.returncode == 0, ready.stderr
+    used = conditions(cluster.nodes[2], "two")["AllNodesUsed"]
+    assert used["status"] == "False" and used["reason"] == "NodesWithoutLayers"
+    assert "got no layers: the model has 2 layers and a stage holds at least one" in used["message"]
+    described = exoctl(cluster.nodes[1], "describe", "md", "two")
+    assert described.returncode == 0 and "NodesWithoutLayers" in described.stdout
+    assert "got no layers" in described.stdout
+
+
+def test_a_prompt_beyond_the_reserved_context_length_is_refused_and_a_short_one_served(world):
+    cluster, _, _ = world
+    status, _, body = cluster.nodes[2].request("POST", "/v1/completions",
+                                               body={"model": "two", "prompt": "hello world " * 40, "max_tokens": 4})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "context length of 64" in body["error"]["message"]
+    status, _, body = cluster.nodes[2].request("POST", "/v1/completions",
+                                               body={"model": "two", "prompt": "hello", "max_tokens": 4})
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 4, body
+
+
+def test_a_server_dry_run_shows_the_kv_reservation_and_what_does_not_fit_per_node(world):
+    cluster, models, root = world
+    path = root / "dry.json"
+    path.write_text(json.dumps(manifest("dry", models["two"], contextLength=512, maxConcurrentRequests=2)))
+    fits = exoctl(cluster.nodes[0], "apply", "--dry-run=server", "-f", str(path))
+    assert fits.returncode == 0, fits.stderr
+    header, *rows = [line.split() for line in fits.stdout.splitlines()[1:]]
+    assert header == ["REPLICA", "STAGE", "NODE", "LAYERS", "MEMORY", "KV", "CACHE", "OVERHEAD"]
+    # 1 layer per stage × 1 KV head of 16 × K and V × bf16 × 512 tokens × 2 requests = 64 KiB.
+    assert [row[6:8] for row in rows] == [["64.0", "KiB"]] * 2
+    path.write_text(json.dumps(manifest("dry", models["two"], contextLength=1 << 24, maxConcurrentRequests=1024)))
+    too_long = exoctl(cluster.nodes[0], "apply", "--dry-run=server", "-f", str(path))
+    reason = too_long.stdout.splitlines()[-1]
+    assert reason.startswith("Unschedulable: needs 0.0 GiB of weights + ") and "of KV cache (1024 requests" in reason
+    assert "3 Ready nodes offer" in reason and all(f"{n.name} 15." in reason for n in cluster.nodes)

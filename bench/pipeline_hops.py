@@ -143,14 +143,14 @@ async def separate_process_row(model_path: Path, layers: int, tokens: int) -> tu
 def resolve_model(path: Path | None) -> Path:
     if path is not None:
         return path
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="model directory (default: examples.build_model tiny)")
+    parser.add_argument("--model", type=Path, help="model directory (default: exo_ctl.model_builder.build_model tiny)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--smoke", action="store_true", help="a few tokens and hops, 1 and 2 stages")
     args = parser.parse_args()

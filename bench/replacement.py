@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import print_table
-from examples.build_model import build_model
+from exo_ctl.model_builder.build_model import build_model
 from tests.cluster import Cluster, ExoProcess, start_cluster
 
 MDS = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"

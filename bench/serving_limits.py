@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import print_table
-from examples.build_model import build_model
+from exo_ctl.model_builder.build_model import build_model
 from tests.cluster import Cluster, ExoProcess, start_cluster
 from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
 

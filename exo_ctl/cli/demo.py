@@ -330,7 +330,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     serving = False
     try:
-        from examples.build_model import build_model
+        from exo_ctl.model_builder.build_model import build_model
 
         print(f"exoctl demo: building the {args.size} model if missing...", file=out, flush=True)
         model_path = build_model(args.size)

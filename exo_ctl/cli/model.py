@@ -10,8 +10,8 @@ from exo_ctl.cli.common import CliError, Context
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
-    from examples.build_family import FAMILIES
-    from examples.build_model import SIZES
+    from exo_ctl.model_builder.build_family import FAMILIES
+    from exo_ctl.model_builder.build_model import SIZES
 
     model = subparsers.add_parser("model", parents=parents, help="local models",
                                   description="Work with models on this machine.")
@@ -32,7 +32,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run_build(args: argparse.Namespace, ctx: Context) -> int:
-    from examples.build_model import build_model, build_model_at
+    from exo_ctl.model_builder.build_model import build_model, build_model_at
 
     if args.family is None and args.bits is not None:
         raise CliError("--bits: only with --family")
@@ -48,7 +48,7 @@ def run_build(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _build_family(args: argparse.Namespace, ctx: Context) -> int:
-    from examples.build_family import build_family_model
+    from exo_ctl.model_builder.build_family import build_family_model
 
     if args.out is None:
         raise CliError("--family: give the model directory with --out DIR")

@@ -26,7 +26,7 @@ EXOCTL = [sys.executable, "-m", "exo_ctl.cli.main"]
 @pytest.fixture
 def user_env(tmp_path: Path) -> dict[str, str]:
     """A user of their own: HOME and XDG dirs in tmp_path; the model cache shared (built once)."""
-    from examples.build_model import build_model, default_cache_dir
+    from exo_ctl.model_builder.build_model import build_model, default_cache_dir
 
     build_model("tiny")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXOCTL_", "EXO_CLUSTER", "XDG_"))}

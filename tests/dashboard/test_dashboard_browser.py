@@ -161,7 +161,7 @@ def _registered_nodes(cluster: Cluster, *, timeout: float) -> list[str]:
 def test_every_shard_is_drawn_on_its_node_and_a_chat_answer_streams_in(page, cluster) -> None:
     status, _, body = cluster.nodes[0].request("GET", "/v1/models")
     assert status == 200, f"node0 does not serve /v1/models: {status} {body}"
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     model_dir = build_model("tiny")
     status, _, body = cluster.nodes[1].request("PATCH", f"{MD}/tiny-llama", content_type=APPLY,

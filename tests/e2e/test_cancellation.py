@@ -27,7 +27,7 @@ IDLE_TIMEOUT_S = 1.0  # node1's --request-idle-timeout
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 

@@ -25,7 +25,7 @@ MEMORY_BOUND = 48 << 20  # RSS the node may gain over the whole barrage
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> ExoProcess:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     cluster = start_cluster(1, tmp_path_factory.mktemp("data-port"))
     try:

@@ -28,7 +28,7 @@ STAGES = {"single": 1, "pair": 2, "spread": 3}
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 

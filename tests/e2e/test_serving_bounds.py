@@ -22,7 +22,7 @@ CONTEXT = 2048  # the tiny model's max_position_embeddings
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 

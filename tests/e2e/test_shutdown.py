@@ -28,7 +28,7 @@ LONG = 1900  # tokens: a generation still running when the signal comes (the tin
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 

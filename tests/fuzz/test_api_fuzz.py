@@ -43,7 +43,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory):
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     model = build_model("tiny")
     # Fuzzed deployments name hf:// sources: the node must never reach a real hub from a test.

@@ -128,7 +128,7 @@ def has_finite_value(result: list[dict[str, Any]]) -> bool:
 
 def test_every_dashboard_query_returns_data_from_a_cluster_serving_the_tiny_model(exo_cluster, prometheus,
                                                                                  tmp_path: Path) -> None:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     model_dir = build_model("tiny")
     cluster = exo_cluster(3)

@@ -19,7 +19,7 @@ from tests.inference.inference_helpers import serve
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from examples.build_model import build_model
+    from exo_ctl.model_builder.build_model import build_model
 
     return build_model("tiny")
 

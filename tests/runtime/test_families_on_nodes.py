@@ -9,7 +9,7 @@ import time
 import pytest
 from mlx_lm.utils import quantize_model
 
-from examples.build_family import build_family_model
+from exo_ctl.model_builder.build_family import build_family_model
 from tests.cluster import ExoProcess, start_cluster
 from tests.e2e.serving import APPLY, DEPLOYMENTS, Reference, client_for, shards_of, wait_nodes_ready, wait_serving
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load_model
 
-from examples.build_family import FAMILIES, build_family_model
+from exo_ctl.model_builder.build_family import FAMILIES, build_family_model
 from reconciler.models.metadata import profile_from_directory, safetensors_files
 from tests.runtime.chain import chained_tokens, reference_tokens
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from examples.build_family import build_family_model
+from exo_ctl.model_builder.build_family import build_family_model
 from reconciler.runtime import ShardLoadError, load_shard
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from examples.build_family import FAMILIES
+from exo_ctl.model_builder.build_family import FAMILIES
 from reconciler.runtime import ShardLoadError, load_shard
 from reconciler.runtime.stage_split import split_refusal
 

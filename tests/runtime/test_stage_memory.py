@@ -1,7 +1,7 @@
 """What the planner reserves for a stage is what that stage really loads."""
 import pytest
 
-from examples.build_family import build_family_model
+from exo_ctl.model_builder.build_family import build_family_model
 from reconciler.models.metadata import profile_from_directory
 from reconciler.runtime import load_shard
 

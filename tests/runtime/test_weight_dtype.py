@@ -2,7 +2,7 @@
 import pytest
 from mlx_lm.utils import load_model, quantize_model
 
-from examples.build_family import build_family_model
+from exo_ctl.model_builder.build_family import build_family_model
 from reconciler.models.catalog import resolve_profile
 from reconciler.models.metadata import ModelMetadataError
 from reconciler.runtime import ShardLoadError, load_shard

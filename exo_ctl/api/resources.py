@@ -166,6 +166,8 @@ class ShardSpec(Frozen):
     memoryBytes: int = Field(default=0, ge=0, description="weights the plan reserved for this stage")
     kvCacheBytes: int = Field(default=0, ge=0, description="KV cache reserved: context length × concurrent requests")
     overheadBytes: int = Field(default=0, ge=0, description="activations of a prefill chunk and the runtime baseline")
+    maxRequests: int | None = Field(default=None, ge=1, description="requests whose KV cache this stage reserves; "
+                                    "the stage refuses more at once")
 
     @property
     def reserved_bytes(self) -> int:

@@ -94,6 +94,7 @@ class ShardAgent(Controller):
                 del self.failed[name]
         for name, shard in mine.items():
             if name in self.loaded:
+                self.stage_server.set_request_limit(name, shard["spec"].get("maxRequests"))
                 await self._report(shard, phase="Ready", progress=1.0, bytes_loaded=self.loaded[name].model.nbytes)
             elif name in self.failed:
                 await self._report(shard, phase="Failed", message=self.failed[name][1])
@@ -137,7 +138,8 @@ class ShardAgent(Controller):
             model.close()
             return
         self.loading.pop(name)
-        self.stage_server.add_shard(name, model)
+        self.stage_server.add_shard(name, model, max_requests=(self.store.get(("Shard", "", name)) or shard)["spec"]
+                                    .get("maxRequests"))
         self.loaded[name] = Loaded(key, model)
         seconds = time.monotonic() - started
         log.info("shard %s ready: %.1f MiB in %.2fs", name, model.nbytes / 2**20, seconds)

@@ -1,6 +1,7 @@
 """Data path: hidden states stage -> stage over TCP, tokens back to the request's origin."""
 
-from reconciler.datapath.pipeline import PREFILL_CHUNK, PipelineClient, RequestStalled, RouteError, StageLost
+from reconciler.datapath.pipeline import (PREFILL_CHUNK, PipelineClient, RequestStalled, RouteError, StageLost,
+                                          StagesBusy)
 from reconciler.datapath.stage import StageServer
 from reconciler.datapath.wire import SamplingParams, StageAddress
 
@@ -12,5 +13,6 @@ __all__ = [
     "SamplingParams",
     "StageAddress",
     "StageLost",
+    "StagesBusy",
     "StageServer",
 ]

@@ -53,6 +53,10 @@ class StageLost(RouteError):
     """A stage could not be reached, closed its connection, or stopped answering."""
 
 
+class StagesBusy(RouteError):
+    """A stage already runs as many requests as it reserved memory for; retry later."""
+
+
 class RequestStalled(RouteError):
     """The stages stayed connected, but the request made no progress for `idle_timeout_s`."""
 
@@ -153,7 +157,8 @@ def _raise_if_error(item: Frame | Exception) -> Frame:
             report = ErrorReport.model_validate(item.meta)
         except ValueError:
             raise RouteError(f"stage {item.stage} failed without a readable report") from None
-        raise (StageLost if report.next_stage_lost else RouteError)(f"{report.stage}: {report.message}")
+        kind = StageLost if report.next_stage_lost else StagesBusy if report.busy else RouteError
+        raise kind(f"{report.stage}: {report.message}")
     return item
 
 

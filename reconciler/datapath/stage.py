@@ -188,6 +188,7 @@ class StageServer:
         self._port = port
         self._connect_timeout_s = connect_timeout_s
         self._shards: dict[str, ShardModel] = {}
+        self._request_limits: dict[str, int] = {}  # shard -> requests its reserved KV cache holds
         self._requests: dict[tuple[int, int], _Request] = {}
         self._unreleased: set[_Request] = set()  # opened, and their KV cache not yet released
         self._links: dict[tuple[str, int], _Peer] = {}
@@ -239,14 +240,24 @@ class StageServer:
 
     # -- shards ----------------------------------------------------------------------------
 
-    def add_shard(self, name: str, shard: ShardModel) -> None:
+    def add_shard(self, name: str, shard: ShardModel, *, max_requests: int | None = None) -> None:
+        """Serve ``shard`` as ``name``; with ``max_requests``, an OPEN beyond that many requests at
+        once is refused as busy (the KV cache the plan reserved holds that many)."""
         if name in self._shards:
             raise ValueError(f"shard {name!r} is already served here")
         self._shards[name] = shard
+        self.set_request_limit(name, max_requests)
+
+    def set_request_limit(self, name: str, max_requests: int | None) -> None:
+        if max_requests is None:
+            self._request_limits.pop(name, None)
+        else:
+            self._request_limits[name] = max_requests
 
     def remove_shard(self, name: str) -> ShardModel:
         """Stop serving `name`; its requests fail at their origins. The caller closes the shard."""
         shard = self._shards.pop(name)
+        self._request_limits.pop(name, None)
         for request in [r for r in self._requests.values() if r.shard_name == name]:
             self._fail(request, f"shard {name!r} was unloaded")
         return shard
@@ -354,8 +365,8 @@ class StageServer:
             raise WireError(f"a stage does not accept {frame.kind.name} frames")
 
     async def _open(self, peer: _Peer, frame: Frame) -> None:
-        def refuse(message: str) -> None:
-            report = ErrorReport(stage=f"stage {frame.stage} on port {self._port}", message=message)
+        def refuse(message: str, *, busy: bool = False) -> None:
+            report = ErrorReport(stage=f"stage {frame.stage} on port {self._port}", message=message, busy=busy)
             peer.send(Frame(Kind.ERROR, frame.request_id, stage=frame.stage, meta=report.model_dump()))
 
         try:
@@ -369,6 +380,11 @@ class StageServer:
             where = "has no next stage" if spec.next is None else f"continues to {spec.next}"
             return refuse(f"shard {spec.shard!r} holds layers [{shard.start}, {shard.end}) of "
                           f"{shard.num_layers}, but the route {where}")  # fmt: skip
+        limit = self._request_limits.get(spec.shard)
+        if limit is not None and (frame.request_id, frame.stage) not in self._requests \
+                and self.active_requests(spec.shard) >= limit:
+            return refuse(f"shard {spec.shard!r} already runs {limit} requests, all it reserved KV cache for",
+                          busy=True)
         link = None
         if spec.next is not None:
             try:

@@ -125,6 +125,7 @@ class ErrorReport(BaseModel):
     stage: str
     message: str
     next_stage_lost: bool = False  # the stage lost its connection to the next one
+    busy: bool = False  # the shard already runs as many requests as it reserved KV cache for
 
 
 @dataclass(frozen=True)

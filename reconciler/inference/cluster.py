@@ -25,6 +25,7 @@ from reconciler.store.state import StoreState
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0
+BUSY_RETRY_AFTER = 1.0  # a request slot frees when any running request ends
 SHUTTING_DOWN = "this node is shutting down; send the request to another node of the cluster"
 TOKENIZER_RETRY_S = 10.0  # a tokenizer that failed to load is tried again after this long
 
@@ -96,6 +97,8 @@ class ClusterModel:
         try:
             async for token in tokens:
                 yield token
+        except datapath.StagesBusy as error:  # every request slot the plan reserved is taken
+            raise NotReady(f"model busy: {error}", retry_after=BUSY_RETRY_AFTER) from None
         except datapath.RouteError as error:
             if self._closing():  # the node closed the pipeline client on its way out
                 raise NotReady(SHUTTING_DOWN, retry_after=RETRY_AFTER) from None

@@ -57,6 +57,7 @@ class ShardAssignment(Frozen):
             memoryBytes=self.memory_bytes,
             kvCacheBytes=self.kv_cache_bytes,
             overheadBytes=self.overhead_bytes,
+            maxRequests=deployment.spec.resources.maxConcurrentRequests,
         )
 
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from reconciler.datapath import PipelineClient, RouteError, StageAddress, StageLost
+from reconciler.datapath import PipelineClient, RouteError, StageAddress, StageLost, StagesBusy
 
 PROMPT = [1, 5, 9, 33, 7, 100, 42, 8, 9, 10, 11]
 SPLITS = {
@@ -139,3 +139,17 @@ async def test_an_unknown_shard_or_a_route_that_ends_early_is_refused_by_the_sta
         with pytest.raises(RouteError, match=r"layers \[0, 3\) of 6, but the route has no next stage"):
             await collect(client, running.route[:1], PROMPT, max_tokens=4)
         assert await wait_until(lambda: running.active_requests() == [0, 0])
+
+
+async def test_a_stage_refuses_as_busy_a_request_beyond_those_it_reserved_memory_for(tiny_model, stages):
+    async with stages(tiny_model, SPLITS[2]) as running, PipelineClient() as client:
+        running.servers[1].set_request_limit("stage1", 1)
+        holding = client.generate(running.route, PROMPT, max_tokens=50)
+        first = await holding.__anext__()  # one request runs on both stages
+        with pytest.raises(StagesBusy, match="stage1' already runs 1 requests"):
+            await collect(client, running.route, PROMPT, max_tokens=4)
+        assert await wait_until(lambda: running.active_requests() == [1, 1])  # the refused one is gone
+        await holding.aclose()
+        assert await wait_until(lambda: running.active_requests() == [0, 0])
+        again = await collect(client, running.route, PROMPT, max_tokens=4)  # the slot is free again
+        assert again[0] == first

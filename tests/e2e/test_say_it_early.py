@@ -5,6 +5,7 @@ context its stages reserved, and ``apply --dry-run=server``
 shows each stage's KV cache reservation, or the numbers per node when it does not fit."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -120,3 +121,35 @@ def test_a_server_dry_run_shows_the_kv_reservation_and_what_does_not_fit_per_nod
     reason = too_long.stdout.splitlines()[-1]
     assert reason.startswith("Unschedulable: needs 0.0 GiB of weights + ") and "of KV cache (1024 requests" in reason
     assert "3 Ready nodes offer" in reason and all(f"{n.name} 15." in reason for n in cluster.nodes)
+
+
+def test_a_request_beyond_the_reserved_concurrency_is_refused_with_retry_after_until_a_slot_frees(world):
+    from exo_ctl.model_builder.build_model import build_model
+
+    cluster, _, root = world
+    path = root / "one-slot.json"
+    body = manifest("one-slot", build_model("tiny"), maxConcurrentRequests=1)
+    body["spec"]["placement"]["strategy"] = "Pack"
+    path.write_text(json.dumps(body))
+    assert exoctl(cluster.nodes[0], "apply", "-f", str(path)).returncode == 0
+    ready = exoctl(cluster.nodes[0], "wait", "md/one-slot", "--for=condition=Ready", "--timeout=90s")
+    assert ready.returncode == 0, ready.stderr
+    long = {"model": "one-slot", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": True}
+    entry = cluster.nodes[1]
+    running = http.client.HTTPConnection("127.0.0.1", entry.api_port, timeout=60)
+    try:  # a stream that holds the one slot
+        running.request("POST", "/v1/completions", body=json.dumps(long),
+                        headers={"Authorization": f"Bearer {entry.secret}", "Content-Type": "application/json"})
+        answer = running.getresponse()
+        assert answer.status == 200 and answer.readline().startswith(b"data: ")
+        status, headers, refused = cluster.nodes[2].request(
+            "POST", "/v1/completions", body={"model": "one-slot", "prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and refused["error"]["code"] == "model_not_ready", refused
+        assert "already runs 1 requests, all it reserved KV cache for" in refused["error"]["message"]
+        assert headers.get("Retry-After") == "1"
+    finally:
+        running.close()
+    served = wait_until(lambda: cluster.nodes[2].request(  # the first client left: its slot is free again
+        "POST", "/v1/completions", body={"model": "one-slot", "prompt": "Hi", "max_tokens": 2})[0] == 200,
+        timeout=10, what="served once the slot is free", cluster=cluster)
+    assert served

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import print_table  # noqa: E402
-from tests.chaos.history import check  # noqa: E402
-from tests.chaos.runner import APPLIED_TRUNCATION, ChaosRun  # noqa: E402
-from tests.cluster import start_cluster  # noqa: E402
+from harness.chaos_history import check  # noqa: E402
+from harness.chaos_runner import APPLIED_TRUNCATION, ChaosRun  # noqa: E402
+from harness.cluster import start_cluster  # noqa: E402
 
 
 def phase(name: str, root: Path, args: argparse.Namespace, seed: int) -> tuple[list[object], bool]:

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import print_table  # noqa: E402
-from tests.cluster import Cluster, ExoProcess, start_cluster  # noqa: E402
-from tests.e2e.membership_helpers import NODES, log_times, ready_by_node, unique_secret  # noqa: E402
+from harness.cluster import Cluster, ExoProcess, start_cluster  # noqa: E402
+from harness.membership import NODES, log_times, ready_by_node, unique_secret  # noqa: E402
 
 PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments/bench"
 

@@ -24,8 +24,8 @@ from typing import Any
 from bench.report import print_table
 from exo_ctl.model_builder.build_model import build_model
 from reconciler.node import data_path_token
-from tests.cluster import ExoProcess, start_cluster
-from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
+from harness.cluster import ExoProcess, start_cluster
+from harness.serving import apply, wait_nodes_ready, wait_serving
 
 PROMPT = "The history of distributed computing begins with"
 SINGLE_PROCESS = """

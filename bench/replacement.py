@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.report import print_table
 from exo_ctl.model_builder.build_model import build_model
-from tests.cluster import Cluster, ExoProcess, start_cluster
+from harness.cluster import Cluster, ExoProcess, start_cluster
 
 MDS = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 SHARDS = "/apis/exo.dev/v1alpha1/shards"

@@ -25,8 +25,8 @@ from typing import Any
 
 from bench.report import print_table
 from exo_ctl.model_builder.build_model import build_model
-from tests.cluster import Cluster, ExoProcess, start_cluster
-from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
+from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.serving import apply, wait_nodes_ready, wait_serving
 
 MODEL = "limits"
 SMALL_TOKENS = 8

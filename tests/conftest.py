@@ -3,14 +3,20 @@ reason. Tests that need a tool (network namespaces, Chromium, playwright, Promet
 kubectl) skip on a developer's machine without it, but in CI ``.ci/run`` installs them all, so a
 skip there means a test that never ran. A skip meant to stay a skip in CI must be listed in
 ``CI_SKIP_ALLOWLIST`` (node id prefix → why) — it is empty on purpose.
+
+Also the ``exo_cluster`` fixture: ``exo_cluster(3)`` starts real node processes (harness.cluster)
+and kills them at teardown.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from harness.cluster import DEFAULT_SECRET, Cluster, start_cluster
 
 CI_SKIP_ALLOWLIST: dict[str, str] = {}
 
@@ -50,3 +56,21 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """Module-level skips (``pytest.importorskip``, ``allow_module_level=True``) happen here."""
     outcome = yield
     _fail_if_skipped(outcome.get_result())
+
+
+@pytest.fixture
+def exo_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A factory: ``exo_cluster(3)`` starts a cluster; all of them are killed at teardown."""
+    started: list[Cluster] = []
+
+    def factory(n: int, *, secret: str = DEFAULT_SECRET, extra_args: Sequence[str] = (),
+                discovery: bool = False) -> Cluster:
+        cluster = start_cluster(n, tmp_path / f"cluster{len(started)}", secret=secret, extra_args=extra_args,
+                                discovery=discovery)
+        started.append(cluster)
+        return cluster
+
+    yield factory
+    for cluster in started:
+        cluster.close()
+        print(cluster.logs())

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from tests.chaos.history import check
-from tests.chaos.runner import APPLIED_TRUNCATION, ChaosRun, chaos_seed
-from tests.cluster import exo_cluster  # noqa: F401  (fixture)
+from harness.chaos_history import check
+from harness.chaos_runner import APPLIED_TRUNCATION, ChaosRun, chaos_seed
 
 pytestmark = pytest.mark.slow
 

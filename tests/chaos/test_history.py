@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos.history import NodeState, Observed, Op, check
+from harness.chaos_history import NodeState, Observed, Op, check
 
 NODES = ("node0", "node1", "node2")
 

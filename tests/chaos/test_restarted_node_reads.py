@@ -9,8 +9,8 @@ import time
 import pytest
 
 from exo_ctl.client import APPLY_CONTENT_TYPE
-from tests.chaos.runner import COLLECTION, manifest
-from tests.cluster import exo_cluster, http_json  # noqa: F401  (fixture)
+from harness.chaos_runner import COLLECTION, manifest
+from harness.cluster import http_json
 
 pytestmark = pytest.mark.slow
 

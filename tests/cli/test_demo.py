@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from exo_ctl.cli.demo import port_in_use
-from tests.cluster import free_port_block, time_wait_ports
+from harness.cluster import free_port_block, time_wait_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 EXOCTL = [sys.executable, "-m", "exo_ctl.cli.main"]

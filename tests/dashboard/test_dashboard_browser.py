@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, start_cluster
+from harness.cluster import Cluster, start_cluster
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

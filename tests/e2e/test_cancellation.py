@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from reconciler.datapath import PREFILL_CHUNK
-from tests.cluster import Cluster, ExoProcess, start_cluster
-from tests.e2e.serving import apply, client_for, node_named, shards_of, wait_nodes_ready, wait_serving
+from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.serving import apply, client_for, node_named, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 

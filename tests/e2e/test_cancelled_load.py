@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ExoProcess, http_json, start_cluster
-from tests.e2e.serving import DEPLOYMENTS, apply, shards_of
+from harness.cluster import ExoProcess, http_json, start_cluster
+from harness.serving import DEPLOYMENTS, apply, shards_of
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.cluster import exo_cluster, http_json  # noqa: F401  (fixture)
+from harness.cluster import http_json
 
 pytestmark = pytest.mark.slow
 

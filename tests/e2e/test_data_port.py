@@ -14,8 +14,8 @@ import pytest
 
 from reconciler.datapath.wire import HEADER, MAGIC, VERSION, Frame, Kind, encode_frame, hello_frame
 from reconciler.node import data_path_token
-from tests.cluster import ExoProcess, start_cluster
-from tests.e2e.serving import apply, wait_serving
+from harness.cluster import ExoProcess, start_cluster
+from harness.serving import apply, wait_serving
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import exo_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

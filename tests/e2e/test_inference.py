@@ -15,8 +15,8 @@ import pytest
 from reconciler.datapath.pipeline import PipelineClient
 from reconciler.inference.cluster import ready_routes
 from reconciler.node import data_path_token
-from tests.cluster import Cluster, ExoProcess, exo_cluster, start_cluster  # noqa: F401  (fixture)
-from tests.e2e.serving import (DEPLOYMENTS, Reference, apply, client_for, node_named, shards_of, wait_nodes_ready,
+from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.serving import (DEPLOYMENTS, Reference, apply, client_for, node_named, shards_of, wait_nodes_ready,
                                wait_serving)
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import start_cluster
-from tests.e2e.serving import DEPLOYMENTS, apply, client_for, shards_of, wait_nodes_ready, wait_serving
+from harness.cluster import start_cluster
+from harness.serving import DEPLOYMENTS, apply, client_for, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.discovery.mdns import Announcement, MdnsDiscovery, cluster_id_from_secret
-from tests.cluster import Cluster, ExoProcess, exo_cluster, start_cluster  # noqa: F401  (fixture)
+from harness.cluster import Cluster, ExoProcess, start_cluster
 from tests.cli.cli_helpers import COMMAND as EXOCTL
-from tests.e2e.membership_helpers import (MEMBERS, NODES, eventually, log_times, ready_by_node,
+from harness.membership import (MEMBERS, NODES, eventually, log_times, ready_by_node,
                                           unique_secret)
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.membership_helpers import MEMBERS, NODES, ready_by_node, unique_secret
+from harness.membership import MEMBERS, NODES, ready_by_node, unique_secret
 from tests.netns import NetnsLab, open_lab
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.membership_helpers import MEMBERS, NODES, ready_by_node, unique_secret
+from harness.membership import MEMBERS, NODES, ready_by_node, unique_secret
 from tests.netns import Host, NetnsLab, open_lab
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ import pytest
 
 from exo_ctl.model_builder.build_model import build_model
 from reconciler.models.metadata import ModelProfile, profile_from_directory
-from tests.cluster import Cluster, ExoProcess, start_cluster
+from harness.cluster import Cluster, ExoProcess, start_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@ every log index and term the same) is found out by the consistency check, refuse
 the reason, and re-syncs from the leader until every node holds the same objects."""
 import time
 
-from tests.cluster import exo_cluster  # noqa: F401 (fixture)
 
 DEPLOYMENT = {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment",
               "metadata": {"name": "agreed", "namespace": "default", "labels": {"tier": "gold"}},

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.cluster import HOST, exo_cluster  # noqa: F401 (fixture)
+from harness.cluster import HOST
 
 PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, ExoProcess, start_cluster
+from harness.cluster import Cluster, ExoProcess, start_cluster
 from tests.model_files import MAMBA, TWO_LAYER_LLAMA, write_model
 
 pytestmark = pytest.mark.slow

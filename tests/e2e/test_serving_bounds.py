@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, ExoProcess, start_cluster
-from tests.e2e.serving import API, APPLY, apply, shards_of, wait_nodes_ready, wait_serving
+from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.serving import API, APPLY, apply, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 

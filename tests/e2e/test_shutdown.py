@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from exo_ctl.cli.demo import sse_data
-from tests.cluster import HOST, Cluster, ExoProcess, exo_cluster, time_wait_ports  # noqa: F401  (fixture)
-from tests.e2e.serving import DEPLOYMENTS, apply, wait_nodes_ready, wait_serving
+from harness.cluster import HOST, Cluster, ExoProcess, time_wait_ports
+from harness.serving import DEPLOYMENTS, apply, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 

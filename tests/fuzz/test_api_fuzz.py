@@ -24,8 +24,8 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 from reconciler.membership import MEMBERS_PATH
 from reconciler.server.dashboard import THROUGHPUT_PATH
 from reconciler.server.watch import WATCH_CONTENT_TYPE
-from tests.cluster import start_cluster
-from tests.e2e.serving import apply, wait_serving
+from harness.cluster import start_cluster
+from harness.serving import apply, wait_serving
 from tests.fuzz.seeds import SEED, examples
 
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster import Cluster, exo_cluster  # noqa: F401  (fixture)
-from tests.e2e.serving import apply, wait_nodes_ready, wait_serving
+from harness.cluster import Cluster
+from harness.serving import apply, wait_nodes_ready, wait_serving
 from tests.grafana.dashboards import DASHBOARDS, GRAFANA_DIR, Query, metric_names, queries
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -10,8 +10,8 @@ import pytest
 from mlx_lm.utils import quantize_model
 
 from exo_ctl.model_builder.build_family import build_family_model
-from tests.cluster import ExoProcess, start_cluster
-from tests.e2e.serving import APPLY, DEPLOYMENTS, Reference, client_for, shards_of, wait_nodes_ready, wait_serving
+from harness.cluster import ExoProcess, start_cluster
+from harness.serving import APPLY, DEPLOYMENTS, Reference, client_for, shards_of, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 

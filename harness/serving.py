@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster, ExoProcess
+from harness.cluster import Cluster, ExoProcess
 
 API = "/apis/exo.dev/v1alpha1"
 DEPLOYMENTS = f"{API}/namespaces/default/modeldeployments"
@@ -44,6 +44,11 @@ def wait_nodes_ready(cluster: Cluster, count: int, *, timeout: float = 20.0) -> 
 def shards_of(node: ExoProcess, deployment: str) -> list[dict[str, Any]]:
     status, _, listing = node.request("GET", f"{API}/shards")
     assert status == 200, listing
+    return _ours(listing, deployment)
+
+
+def _ours(listing: dict[str, Any], deployment: str) -> list[dict[str, Any]]:
+    """The deployment's shards in a Shard list, in stage order."""
     ours = [s for s in listing["items"] if s["spec"]["deployment"] == f"default/{deployment}"]
     return sorted(ours, key=lambda s: s["spec"]["index"])
 
@@ -51,11 +56,20 @@ def shards_of(node: ExoProcess, deployment: str) -> list[dict[str, Any]]:
 def wait_serving(node: ExoProcess, deployment: str, *, stages: int, timeout: float = 30.0,
                  avoid: str | None = None) -> list[dict[str, Any]]:
     """Wait until ``deployment`` is Ready with ``stages`` Ready shards (none on ``avoid``) and
-    ``GET /v1/models`` through ``node`` says so; returns its shards in stage order."""
+    ``GET /v1/models`` through ``node`` says so; returns its shards in stage order. Reads that
+    ``node`` refuses meanwhile (503 while the cluster elects a leader after a member died) are
+    tried again."""
     deadline = time.monotonic() + timeout
     while True:
-        shards = shards_of(node, deployment)
-        _, _, deployed = node.request("GET", f"{DEPLOYMENTS}/{deployment}")
+        status, _, listing = node.request("GET", f"{API}/shards")
+        if status == 503:
+            assert time.monotonic() < deadline, f"{node.name} refused reads for {timeout}s: {listing}"
+            time.sleep(0.1)
+            continue
+        assert status == 200, listing
+        shards = _ours(listing, deployment)
+        code, _, deployed = node.request("GET", f"{DEPLOYMENTS}/{deployment}")
+        deployed = deployed if code == 200 else {}
         _, _, models = node.request("GET", "/v1/models")
         card = next((m for m in models.get("data", []) if m["id"] == deployment), None)
         settled = (len(shards) == stages and all(_shard_ready(s) for s in shards)

@@ -2,7 +2,7 @@
 ModelDeployments through the HTTP API (a write is retried with the same X-Exo-Op-Id through
 any node until it gets a definite answer, as exoctl's client does), while a fault thread kills
 nodes with SIGKILL — one at a time keeping quorum, or all at once (power loss). Every operation
-is recorded for ``tests.chaos.history.check``.
+is recorded for ``harness.chaos_history.check``.
 
     cluster = start_cluster(3, tmp_path)
     run = ChaosRun(cluster, seed=7)
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo_ctl.client import APPLY_CONTENT_TYPE, ApiError, Client, ClientConfig, ConnectionFailed
-from tests.chaos.history import NodeState, Observed, Op
-from tests.cluster import Cluster, ExoProcess
+from harness.chaos_history import NodeState, Observed, Op
+from harness.cluster import Cluster, ExoProcess
 
 COLLECTION = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 VALUE = "chaos.exo.dev/value"  # the annotation each write sets to a value of its own

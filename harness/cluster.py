@@ -1,11 +1,10 @@
-"""Test harness: real ``exo`` node processes on 127.0.0.1.
+"""Real ``exo`` node processes on 127.0.0.1, for the tests and the benchmarks.
 
     cluster = start_cluster(3, tmp_path)          # node 0 bootstraps, the others join one by one
     cluster.nodes[0].api_url, .kill(), .stop(), .restart(), .log_path
 
-Use the ``exo_cluster`` fixture (``from tests.cluster import exo_cluster`` in a test module or
-conftest) to get the cleanup for free: every process is killed at teardown and its log printed
-(pytest shows it when the test fails).
+In tests, the ``exo_cluster`` fixture (tests/conftest.py) adds the cleanup: every process is
+killed at teardown and its log printed (pytest shows it when the test fails).
 """
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 HOST = "127.0.0.1"
 PORTS_PER_NODE = 4  # api, raft (api+1), data (api+2), one spare
@@ -281,21 +278,3 @@ def start_cluster(n: int, tmp_path: Path, *, secret: str = DEFAULT_SECRET,
         cluster.close()
         raise
     return cluster
-
-
-@pytest.fixture
-def exo_cluster(tmp_path: Path) -> Iterator[Any]:
-    """A factory: ``exo_cluster(3)`` starts a cluster; all of them are killed at teardown."""
-    started: list[Cluster] = []
-
-    def factory(n: int, *, secret: str = DEFAULT_SECRET, extra_args: Sequence[str] = (),
-                discovery: bool = False) -> Cluster:
-        cluster = start_cluster(n, tmp_path / f"cluster{len(started)}", secret=secret, extra_args=extra_args,
-                                discovery=discovery)
-        started.append(cluster)
-        return cluster
-
-    yield factory
-    for cluster in started:
-        cluster.close()
-        print(cluster.logs())

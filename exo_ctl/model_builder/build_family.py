@@ -55,8 +55,11 @@ FAMILIES: dict[str, tuple[dict[str, Any], bool, str]] = {
 }
 
 
-def build_family_model(family: str, out: Path, *, quantize_bits: int | None = None, seed: int = 0) -> Path:
-    """Write the tiny ``family`` model into ``out`` (which must not exist) and return it."""
+def build_family_model(family: str, out: Path, *, quantize_bits: int | None = None, quantize_mode: str = "affine",
+                       recipe: str | None = None, seed: int = 0) -> Path:
+    """Write the tiny ``family`` model into ``out`` (which must not exist) and return it. With
+    ``quantize_bits``, mlx-lm's converter quantizes it (``quantize_mode`` affine or mxfp4; ``recipe``
+    one of its mixed per-layer predicates, e.g. "mixed_4_6")."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
     out = Path(out)
@@ -67,7 +70,8 @@ def build_family_model(family: str, out: Path, *, quantize_bits: int | None = No
         source = _write_float_model(family, Path(staging) / "float", seed=seed)
         from mlx_lm import convert
 
-        convert(hf_path=str(source), mlx_path=str(out), quantize=True, q_bits=quantize_bits, q_group_size=32)
+        convert(hf_path=str(source), mlx_path=str(out), quantize=True, q_bits=quantize_bits, q_group_size=32,
+                q_mode=quantize_mode, quant_predicate=recipe)
     return out
 
 

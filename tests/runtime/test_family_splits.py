@@ -13,6 +13,8 @@ from tests.runtime.chain import chained_tokens, reference_tokens
 
 SPLITS = {1: "whole", 2: "even", 3: "uneven"}
 QUANTIZED = [("llama", 4), ("llama", 8), ("qwen3", 4), ("gemma3_text", 4)]  # by mlx-lm's converter
+OTHER_FORMATS = {"llama-mxfp4": {"quantize_bits": 4, "quantize_mode": "mxfp4"},
+                 "llama-mixed_4_6": {"quantize_bits": 4, "recipe": "mixed_4_6"}}
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     built = {family: build_family_model(family, root / family) for family in FAMILIES}
     for family, bits in QUANTIZED:
         built[f"{family}-{bits}bit"] = build_family_model(family, root / f"{family}-{bits}bit", quantize_bits=bits)
+    for name, options in OTHER_FORMATS.items():
+        built[name] = build_family_model(name.split("-")[0], root / name, **options)
     return built
 
 
 @pytest.mark.parametrize("stages", sorted(SPLITS))
-@pytest.mark.parametrize("family", [*FAMILIES, *(f"{family}-{bits}bit" for family, bits in QUANTIZED)])
+@pytest.mark.parametrize("family", [*FAMILIES, *(f"{family}-{bits}bit" for family, bits in QUANTIZED), *OTHER_FORMATS])
 def test_a_model_split_into_stages_generates_exactly_mlx_lm_tokens(models, family, stages):
     path = models[family]
     expected = reference_tokens(load_model(path)[0])
@@ -47,3 +51,13 @@ def test_a_model_sharded_over_files_with_an_index_splits_and_plans_like_one_file
     assert len(safetensors_files(sharded)) == 2
     assert profile_from_directory(sharded).total_bytes == profile_from_directory(models["llama"]).total_bytes
     assert chained_tokens(sharded, stages=3) == reference_tokens(load_model(models["llama"])[0])
+
+
+def test_the_other_weight_formats_are_what_their_names_say(models):
+    import json
+
+    mxfp4 = json.loads((models["llama-mxfp4"] / "config.json").read_text())["quantization"]
+    assert mxfp4["mode"] == "mxfp4"
+    mixed = json.loads((models["llama-mixed_4_6"] / "config.json").read_text())["quantization"]
+    per_layer = {value["bits"] for value in mixed.values() if isinstance(value, dict)}
+    assert per_layer == {4, 6}, per_layer

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,3 +278,16 @@ def start_cluster(n: int, tmp_path: Path, *, secret: str = DEFAULT_SECRET,
         cluster.close()
         raise
     return cluster
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, cluster: "Cluster | None" = None,
+               interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); past ``timeout`` fail
+    saying ``what`` was awaited, with the tail of ``cluster``'s logs when given."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            logs = f"\n{cluster.logs()[-20000:]}" if cluster is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{logs}")
+        time.sleep(interval)
+    return value

@@ -28,7 +28,7 @@ import pytest
 
 from exo_ctl.model_builder.build_model import build_model
 from reconciler.models.metadata import ModelProfile, profile_from_directory
-from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.cluster import Cluster, ExoProcess, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,18 +89,6 @@ def layers(shard: dict[str, Any]) -> range:
 
 def layer_owner(shards: list[dict[str, Any]]) -> dict[int, str]:
     return {layer: s["spec"]["nodeName"] for s in shards for layer in layers(s)}
-
-
-def wait_until(predicate, *, timeout: float, what: str, cluster: Cluster) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout}s\n{cluster.logs()[-20000:]}")
-        time.sleep(0.05)
-
 
 def serving(node: ExoProcess, name: str, total: int, *, avoid: str | None = None) -> list[dict[str, Any]] | None:
     """The shards when the deployment is Ready for its generation, every shard is Ready and the

@@ -3,20 +3,12 @@ every log index and term the same) is found out by the consistency check, refuse
 the reason, and re-syncs from the leader until every node holds the same objects."""
 import time
 
+from harness.cluster import wait_until
 
 DEPLOYMENT = {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment",
               "metadata": {"name": "agreed", "namespace": "default", "labels": {"tier": "gold"}},
               "spec": {"model": {"source": "/models/agreed"}}}
 PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
-
-
-def wait_until(predicate, *, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def labels_on(node):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.cluster import HOST
+from harness.cluster import HOST, wait_until
 
 PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 
@@ -17,16 +17,6 @@ PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 def deployment(name: str) -> dict:
     return {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": name, "namespace": "default"}, "spec": {"model": {"source": f"/models/{name}"}}}
-
-
-def wait_until(predicate, *, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
 
 def names_on(node) -> set[str]:
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness.cluster import Cluster, ExoProcess, start_cluster
+from harness.cluster import Cluster, ExoProcess, start_cluster, wait_until
 from tests.model_files import MAMBA, TWO_LAYER_LLAMA, write_model
 
 pytestmark = pytest.mark.slow
@@ -42,16 +42,6 @@ def exoctl(node: ExoProcess, *args: str, timeout: float = 90) -> subprocess.Comp
 def conditions(node: ExoProcess, name: str) -> dict[str, dict[str, Any]]:
     status, _, body = node.request("GET", f"{MDS}/{name}")
     return {c["type"]: c for c in ((body or {}).get("status") or {}).get("conditions", [])} if status == 200 else {}
-
-
-def wait_until(predicate, *, timeout: float, what: str, cluster: Cluster) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout}s\n{cluster.logs()[-20000:]}")
-        time.sleep(0.1)
-    return value
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

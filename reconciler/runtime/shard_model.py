@@ -127,7 +127,7 @@ class ShardModel:
         """Token ids (1, L) on the first stage or hidden states (1, L, D) otherwise, to hidden
         states (1, L, D), or logits (1, L, vocab) on the last stage. Lazy: the caller evaluates."""
         tokens = x
-        if self.inlet is not None:  # the family's code runs from placeholder ids to the inlet
+        if self.inlet is not None:  # the family's code runs from dummy token ids up to the inlet
             self.inlet.put(x)
             tokens = mx.zeros(x.shape[:2], dtype=mx.int32)
         try:

@@ -5,7 +5,7 @@ index-based rule of a family (sliding-window patterns, per-layer types, masks bu
 ``cache[k]``) sees the same indices as in one process; the layers a stage does not own become
 ``SkippedLayer``s (no weights, identity). Around the model's own code:
 
-- a stage that is not first is called with placeholder token ids and gets its hidden states
+- a stage that is not first is called with dummy token ids and gets its hidden states
   through an ``Inlet``: whatever the family does to its embeddings (a scale, ...) only touches a
   throwaway value, and the skipped layer just before the stage's first layer hands the received
   hidden states on;
@@ -148,14 +148,14 @@ def advance_skipped(caches: list[Any], skipped: tuple[int, ...], *, batch: int, 
 
     if not skipped or length == 0:
         return
-    stub, touched = None, []
+    filler, touched = None, []
     for index in skipped:
         cache = caches[index]
         if type(cache) is KVCache:
             cache.offset += length
             continue
-        stub = stub if stub is not None else mx.zeros((batch, 1, length, 1), dtype=mx.float16)
-        cache.update_and_fetch(stub, stub)
+        filler = filler if filler is not None else mx.zeros((batch, 1, length, 1), dtype=mx.float16)
+        cache.update_and_fetch(filler, filler)
         touched += [cache.keys, cache.values]
     if touched:
         mx.eval(touched)

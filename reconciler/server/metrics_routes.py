@@ -8,6 +8,8 @@ token with ``authorization: {credentials_file: ...}`` in the scrape and SD confi
 """
 from __future__ import annotations
 
+import asyncio
+
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -38,6 +40,9 @@ def method_label(request: web.Request) -> str:
     return request.method
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a request whose client left before the answer
+
+
 def request_metrics_middleware(metrics: NodeMetrics, *,
                                clock: Callable[[], float] = time.perf_counter) -> Any:
     @web.middleware
@@ -50,6 +55,9 @@ def request_metrics_middleware(metrics: NodeMetrics, *,
             return response
         except web.HTTPException as error:
             code = error.status
+            raise
+        except asyncio.CancelledError:  # the client left (handlers are cancelled on disconnect)
+            code = CLIENT_CLOSED_REQUEST
             raise
         finally:
             route, method = route_label(request), method_label(request)

@@ -183,8 +183,16 @@ def wait_holding_a_shard(node: ExoProcess, *, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def assert_serves(node: ExoProcess) -> None:
-    status, _, answer = node.request("POST", "/v1/completions", body=body(stream=False, max_tokens=4), timeout=30)
+def assert_serves(node: ExoProcess, *, within_s: float = 20.0) -> None:
+    """A completion answers, retried as the 503's Retry-After says while the restarted node's
+    shards are placed again (its lease lapsed while it was down)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status, headers, answer = node.request("POST", "/v1/completions", body=body(stream=False, max_tokens=4),
+                                               timeout=30)
+        if status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(float(headers.get("Retry-After", "1")))
     assert status == 200, answer
     assert answer["usage"]["completion_tokens"] >= 1
 

@@ -194,3 +194,22 @@ def open_lab(count: int, *, subnet: str = DEFAULT_SUBNET) -> Iterator[NetnsLab]:
         yield lab
     finally:
         lab.close()
+
+
+def spawn_exo_nodes(lab: NetnsLab, *, data_root: "Path", secret: str) -> tuple[list[subprocess.Popen[str]], dict[str, "Path"]]:
+    """One ``exo`` node per host of ``lab``, on the host's address, no peers (they find each
+    other over mDNS); returns the processes and their log files by node name."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"}
+    processes, logs = [], {}
+    for host in lab.hosts:
+        name = f"host{host.index}"
+        logs[name] = data_root / f"{name}.log"
+        with open(logs[name], "wb") as log:
+            processes.append(lab.spawn(host, [
+                sys.executable, "-m", "reconciler.main", "--name", name, "--data-dir", str(data_root / name),
+                "--host", host.address, "--cluster-secret", secret], stdout=log, stderr=log, cwd=root, env=env))
+    return processes, logs

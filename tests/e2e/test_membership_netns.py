@@ -3,7 +3,6 @@ own address, the default ports and no --peers. They find each other over mDNS an
 cluster. Everything made here (namespaces, bridge, processes) is gone afterwards. Skips with
 the reason where the kernel does not allow network namespaces."""
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from harness.membership import MEMBERS, NODES, ready_by_node, unique_secret
-from tests.netns import NetnsLab, open_lab
+from tests.netns import NetnsLab, open_lab, spawn_exo_nodes
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 API_PORT = 52415
 MDNS_GROUP_HEX = "FB0000E0"  # 224.0.0.251 as /proc/net/igmp writes it
 
@@ -53,19 +51,13 @@ def mdns_devices(igmp: str) -> list[str]:
 
 def test_three_nodes_in_three_network_namespaces_form_one_cluster_without_peers(tmp_path):
     secret = unique_secret()
-    env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"}
     logs: dict[str, Path] = {}
     processes = []
     with open_lab(3) as lab:
         try:
-            for host in lab.hosts:
-                name = f"host{host.index}"
-                logs[name] = tmp_path / f"{name}.log"
-                with open(logs[name], "wb") as log:
-                    processes.append(lab.spawn(host, [
-                        sys.executable, "-m", "reconciler.main", "--name", name,
-                        "--data-dir", str(tmp_path / name), "--host", host.address,
-                        "--cluster-secret", secret], stdout=log, stderr=log, cwd=ROOT, env=env))
+            spawned, started_logs = spawn_exo_nodes(lab, data_root=tmp_path, secret=secret)
+            processes += spawned
+            logs.update(started_logs)
             everyone = sorted(f"{h.address}:{API_PORT + 1}" for h in lab.hosts)
             deadline = time.monotonic() + 60
             pending = list(lab.hosts)

@@ -9,7 +9,6 @@ Figures are printed (run with -s). Skips where namespaces are unavailable."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from harness.membership import MEMBERS, NODES, ready_by_node, unique_secret
-from tests.netns import Host, NetnsLab, open_lab
+from tests.netns import Host, NetnsLab, open_lab, spawn_exo_nodes
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 API_PORT = 52415
 MD_PATH = "/apis/exo.dev/v1alpha1/namespaces/default/modeldeployments"
 BIG = "x" * 10_000  # 40 objects with this annotation span ~6 append batches
@@ -117,19 +115,13 @@ def result(process: subprocess.Popen[str]) -> list[dict]:
 @pytest.fixture
 def cluster(tmp_path):
     secret = unique_secret()
-    env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"}
     logs: dict[str, Path] = {}
     with open_lab(3) as lab:
         processes = []
         try:
-            for host in lab.hosts:
-                name = f"host{host.index}"
-                logs[name] = tmp_path / f"{name}.log"
-                with open(logs[name], "wb") as log:
-                    processes.append(lab.spawn(host, [
-                        sys.executable, "-m", "reconciler.main", "--name", name,
-                        "--data-dir", str(tmp_path / name), "--host", host.address,
-                        "--cluster-secret", secret], stdout=log, stderr=log, cwd=ROOT, env=env))
+            spawned, started_logs = spawn_exo_nodes(lab, data_root=tmp_path, secret=secret)
+            processes += spawned
+            logs.update(started_logs)
             cluster = Cluster(lab, secret)
             deadline = time.monotonic() + 60
             pending = list(lab.hosts)

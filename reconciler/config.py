@@ -12,10 +12,13 @@ import re
 import secrets
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import platformdirs
+
+from reconciler.cluster_keys import ClusterKeys, cluster_keys
 
 DEFAULT_API_PORT = 52415
 RAFT_PORT_OFFSET = 1
@@ -80,9 +83,15 @@ class NodeConfig:
     api_port: int
     raft_port: int
     peers: tuple[str, ...]
-    secret: str
+    secret: str = field(repr=False)
     node_id: str
     secret_generated: bool = False
+    https: bool = False  # --tls: the API port serves HTTPS (reconciler.tls.serves_https)
+
+    @cached_property
+    def keys(self) -> ClusterKeys:
+        """The keys derived from the secret (Raft password, data-path key, member proof)."""
+        return cluster_keys(self.secret)
 
     @property
     def raft_address(self) -> str:
@@ -90,7 +99,7 @@ class NodeConfig:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.advertise_host}:{self.api_port}"
+        return f"{'https' if self.https else 'http'}://{self.advertise_host}:{self.api_port}"
 
     @property
     def data_port(self) -> int:

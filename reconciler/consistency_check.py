@@ -1,7 +1,7 @@
 """The periodic replica consistency check (see reconciler/store/consistency.py for the rule).
 
 Every ``interval`` seconds each node fetches its peers' checkpoint digests from
-``/internal/v1/consistency`` (cluster-secret bearer token) and judges itself: a node whose
+``/internal/v1/consistency`` (the member proof as bearer token) and judges itself: a node whose
 digest differs from the majority's stops serving and re-syncs from the leader
 (``RaftStore.resync``). The leader also records each Node's ``ReplicaConsistent`` condition.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from exo_ctl.api.status import status_object
+from reconciler.server.auth import is_admin
 from reconciler.store.base import StoreError, StoreUnavailable, make_command, utcnow_iso
 from reconciler.store.consistency import Verdict, judge
 from reconciler.store.raft import RaftStore
@@ -31,7 +32,7 @@ CONDITION = "ReplicaConsistent"
 def add_consistency_routes(app: web.Application, *, store: RaftStore, secret: str) -> None:
     async def get_digests(request: web.Request) -> web.Response:
         header = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {secret}".encode()):
+        if not hmac.compare_digest(header.encode(), f"Bearer {secret}".encode()) and not is_admin(request):
             return web.json_response(status_object(401, "missing or wrong bearer token"), status=401)
         digests = store.checkpoint_digests()  # a digest is a fact about a revision, ready or not
         return web.json_response({"raftAddress": store.self_address,
@@ -43,8 +44,10 @@ def add_consistency_routes(app: web.Application, *, store: RaftStore, secret: st
 class ConsistencyChecker:
     """Runs the check on this node; ``last`` is the latest verdict, ``cost_s`` what it took."""
 
-    def __init__(self, *, store: RaftStore, secret: str, node_name: str, interval: float = CHECK_INTERVAL_S) -> None:
+    def __init__(self, *, store: RaftStore, secret: str, node_name: str, interval: float = CHECK_INTERVAL_S,
+                 client_ssl: ssl.SSLContext | None = None) -> None:
         self.store, self.secret, self.interval, self.node_name = store, secret, interval, node_name
+        self.client_ssl = client_ssl  # trusts the cluster CA, for members that serve HTTPS
         self._unreported: Verdict | None = None  # a divergence this node repaired, not yet on its Node
         self.last: Verdict | None = None
         self.checks = 0
@@ -60,7 +63,9 @@ class ConsistencyChecker:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        # aiohttp, not exo_ctl.http: node-to-node calls inside the event loop must not block it
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0),
+                                         connector=aiohttp.TCPConnector(ssl=self.client_ssl or True)) as session:
             while True:
                 await asyncio.sleep(self.interval)
                 try:

@@ -84,7 +84,7 @@ def announcement_for(config: NodeConfig, *, version: str, formed: bool) -> Annou
 
 def raft_settings(config: NodeConfig, partners: tuple[str, ...]) -> RaftSettings:
     return RaftSettings(self_address=config.raft_address, partners=partners, data_dir=config.data_dir,
-                        secret=config.secret,
+                        secret=config.keys.raft_password,
                         bind_host=None if config.host in ("0.0.0.0", "::") else config.host)
 
 
@@ -103,7 +103,7 @@ async def known_partners(config: NodeConfig, *, join_timeout: float) -> tuple[tu
         return saved, True
     if route == "new":
         return (), True
-    document = await fetch_members(config.peers, secret=config.secret,
+    document = await fetch_members(config.peers, secret=config.keys.member,
                                    deadline=time.monotonic() + join_timeout)
     members = tuple(m["raftAddress"] for m in document.get("members", []))
     if not members:
@@ -169,7 +169,7 @@ async def _start_and_admit(config: NodeConfig, partners: tuple[str, ...], *, adm
     if admitted:
         return store
     try:
-        await request_admission(peers, secret=config.secret, info=member_info(config), deadline=deadline)
+        await request_admission(peers, secret=config.keys.member, info=member_info(config), deadline=deadline)
     except BaseException:
         await store.close()
         raise
@@ -204,7 +204,7 @@ async def discover_and_form(config: NodeConfig, *, interface: str | None, versio
                             window: float = DEFAULT_WINDOW) -> tuple[RaftStore, MdnsDiscovery]:
     """Announce, then bootstrap or join per the bootstrap rule; the API port answers 503
     (forming) meanwhile. Cancellation (SIGTERM) leaves nothing running."""
-    listener = FormingListener(host=config.host, port=config.api_port, secret=config.secret)
+    listener = FormingListener(host=config.host, port=config.api_port, secret=config.keys.member)
     await listener.start()
     mdns: MdnsDiscovery | None = None
     joined: list[RaftStore] = []
@@ -245,7 +245,7 @@ async def join_via(config: NodeConfig, target: Announcement) -> RaftStore | None
     SecretRefused (a 401) is final."""
     peers = [target.api_address]
     try:
-        document = await fetch_members(peers, secret=config.secret, deadline=time.monotonic() + FETCH_ATTEMPT)
+        document = await fetch_members(peers, secret=config.keys.member, deadline=time.monotonic() + FETCH_ATTEMPT)
     except SecretRefused:
         raise
     except JoinError as exc:
@@ -305,11 +305,11 @@ async def readmit_if_removed(config: NodeConfig, store: RaftStore, *, after: flo
         if not peers:
             continue
         try:
-            document = await fetch_members(peers, secret=config.secret, deadline=time.monotonic() + every)
+            document = await fetch_members(peers, secret=config.keys.member, deadline=time.monotonic() + every)
             if config.raft_address in {m["raftAddress"] for m in document.get("members", [])}:
                 continue
             log.warning("this node was removed from the raft group while away; asking to be admitted again")
-            await request_admission(peers, secret=config.secret, info=member_info(config),
+            await request_admission(peers, secret=config.keys.member, info=member_info(config),
                                     deadline=time.monotonic() + ADMISSION_ATTEMPT)
             log.info("admitted to the cluster again as %s", config.raft_address)
             silent_since = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from exo_ctl.api.status import status_object
+from reconciler.server.auth import is_admin
 from reconciler.reachability import tcp_reachable
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftStore
@@ -79,14 +81,14 @@ def _error(code: int, message: str) -> web.Response:
 
 
 def add_membership_routes(app: web.Application, *, store: RaftStore, secret: str,
-                          add_timeout: float = 5.0) -> None:
-    """Mount GET/POST /internal/v1/members. Requests must carry the cluster secret as a bearer
-    token (checked here as well, so the routes are safe on any app)."""
+                          add_timeout: float = 5.0, client_ssl: ssl.SSLContext | None = None) -> None:
+    """Mount GET/POST /internal/v1/members. Requests carry ``secret``, the member proof derived
+    from the cluster secret (cluster_keys), as a bearer token, or are an admin's (server/auth)."""
     app[_JOIN_LOCK] = asyncio.Lock()
 
     def authorized(request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
-        return hmac.compare_digest(header.encode(), f"Bearer {secret}".encode())
+        return hmac.compare_digest(header.encode(), f"Bearer {secret}".encode()) or is_admin(request)
 
     async def get_members(request: web.Request) -> web.Response:
         if not authorized(request):
@@ -101,7 +103,7 @@ def add_membership_routes(app: web.Application, *, store: RaftStore, secret: str
         except ValueError as exc:
             return _error(400 if "body" in str(exc) or "JSON" in str(exc) else 422, str(exc))
         if not store.is_leader:
-            return await _forward_to_leader(request, store=store, info=info)
+            return await _forward_to_leader(request, store=store, info=info, client_ssl=client_ssl)
         async with request.app[_JOIN_LOCK]:
             return await _admit(store, info, timeout=add_timeout)
 
@@ -128,7 +130,8 @@ async def _admit(store: RaftStore, info: MemberInfo, *, timeout: float) -> web.R
     return web.json_response({"admitted": True, "alreadyMember": already, **members_document(store)})
 
 
-async def _forward_to_leader(request: web.Request, *, store: RaftStore, info: MemberInfo) -> web.Response:
+async def _forward_to_leader(request: web.Request, *, store: RaftStore, info: MemberInfo,
+                             client_ssl: ssl.SSLContext | None = None) -> web.Response:
     leader = store.leader_address
     url = store.directory.get(leader or "", {}).get("apiUrl")
     if url is None:
@@ -136,8 +139,10 @@ async def _forward_to_leader(request: web.Request, *, store: RaftStore, info: Me
                                  status=503, headers={"Retry-After": "1"})
     headers = {"Authorization": request.headers.get("Authorization", "")}
     try:
+        # aiohttp, not exo_ctl.http: node-to-node calls inside the event loop must not block it
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-            async with session.post(url + MEMBERS_PATH, json=info.to_json(), headers=headers) as resp:
+            async with session.post(url + MEMBERS_PATH, json=info.to_json(), headers=headers,
+                                    ssl=client_ssl or True) as resp:
                 return web.json_response(await resp.json(), status=resp.status)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return _error(503, f"forwarding the join to the leader at {url} failed: {exc}")
@@ -161,12 +166,19 @@ async def _ask(peers: Sequence[str], *, secret: str, deadline: float, method: st
     headers = {"Authorization": f"Bearer {secret}"}
     last = "no peer answered"
     delay = 0.2
+    # aiohttp, not exo_ctl.http: node-to-node calls inside the event loop must not block it
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         while True:
             for peer in peers:
-                url = f"http://{peer}{MEMBERS_PATH}"
                 try:
-                    async with session.request(method, url, json=body, headers=headers) as resp:
+                    # HTTPS first, unverified (a joining node has no cluster CA yet; still never
+                    # plaintext on the LAN); a peer that answers plain HTTP (loopback, --tls off) gets it.
+                    try:
+                        resp = await session.request(method, f"https://{peer}{MEMBERS_PATH}", json=body,
+                                                     headers=headers, ssl=False)
+                    except aiohttp.ClientSSLError:
+                        resp = await session.request(method, f"http://{peer}{MEMBERS_PATH}", json=body, headers=headers)
+                    async with resp:
                         payload = await resp.json(content_type=None)
                         if resp.status == 200:
                             return payload

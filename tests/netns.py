@@ -25,6 +25,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -196,9 +197,12 @@ def open_lab(count: int, *, subnet: str = DEFAULT_SUBNET) -> Iterator[NetnsLab]:
         lab.close()
 
 
-def spawn_exo_nodes(lab: NetnsLab, *, data_root: "Path", secret: str) -> tuple[list[subprocess.Popen[str]], dict[str, "Path"]]:
+def spawn_exo_nodes(lab: NetnsLab, *, data_root: Path, secret: str, extra_args: Sequence[str] = (),
+                    ) -> tuple[list[subprocess.Popen[str]], dict[str, Path]]:
     """One ``exo`` node per host of ``lab``, on the host's address, no peers (they find each
-    other over mDNS); returns the processes and their log files by node name."""
+    other over mDNS); returns the processes and their log files by node name. Beyond loopback the
+    API serves HTTPS (the CA is ``data_root/<name>/cluster-ca.pem``), and the secret counts only
+    over TLS there."""
     import sys
     from pathlib import Path
 
@@ -211,5 +215,6 @@ def spawn_exo_nodes(lab: NetnsLab, *, data_root: "Path", secret: str) -> tuple[l
         with open(logs[name], "wb") as log:
             processes.append(lab.spawn(host, [
                 sys.executable, "-m", "reconciler.main", "--name", name, "--data-dir", str(data_root / name),
-                "--host", host.address, "--cluster-secret", secret], stdout=log, stderr=log, cwd=root, env=env))
+                "--host", host.address, "--cluster-secret", secret, *extra_args],
+                stdout=log, stderr=log, cwd=root, env=env))
     return processes, logs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,11 @@ class StageAddress(BaseModel):
 
 
 SEED_RANGE = 1 << 63  # seeds travel as 0 <= seed < 2**63 (mx.random.key takes them)
+PENALTY_WINDOW = 20  # tokens the penalties look back over (mlx-lm's default context size)
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request
+MAX_TOP_LOGPROBS = 20  # alternatives a TOKEN frame may carry with its log-probability
+MAX_GRAMMAR_CHARS = 256 << 10  # a compiled grammar in OPEN (well within MAX_META_BYTES)
+_PENALTY_NOTE = f"mlx-lm's penalty over the last {PENALTY_WINDOW} tokens, the prompt's included"
 
 
 class SamplingParams(BaseModel):
@@ -95,6 +101,27 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    top_k: int = Field(default=0, ge=0, lt=1 << 31)  # 0: off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # 0: off
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description=_PENALTY_NOTE)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description=_PENALTY_NOTE)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description=_PENALTY_NOTE)
+    logit_bias: dict[str, float] = Field(default={}, max_length=MAX_LOGIT_BIAS, json_schema_extra={
+        "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})  # token id -> bias
+    prompt_tail: list[int] = Field(default=[], max_length=PENALTY_WINDOW)  # what penalties see of the prompt
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # None: off; else how many alternatives
+    grammar: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)  # llguidance's, for constrained decoding
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _bias_is_token_ids(cls, bias: dict[str, float]) -> dict[str, float]:
+        for token, value in bias.items():
+            if not (token.isascii() and token.isdigit() and len(token) < 10):
+                raise ValueError(f"keys must be token ids (integers >= 0), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"values must be numbers from -100 to 100, got {value} for token {token}")
+        return bias
 
     @field_validator("seed", mode="after")
     @classmethod
@@ -268,9 +295,32 @@ def frame_size(frame: Frame) -> int:
     return HEADER.size + (len(frame.tensor.data) if frame.tensor is not None else 0)
 
 
-async def open_connection(host: str, port: int, *, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP connection with Nagle's algorithm off (frames are small and latency-bound)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+@dataclass(frozen=True)
+class DataPathTLS:
+    """TLS for stage connections (they carry prompts' hidden states): a stage server given one
+    accepts TLS only; a client uses it towards every non-loopback address (and, with
+    ``loopback``, towards loopback too: benchmarks and tests). Certificates come from the
+    cluster CA (reconciler.tls); any member's certificate is accepted, the HELLO token still
+    proves the peer holds the cluster's data-path key."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    loopback: bool = False
+
+    def client_for(self, host: str) -> ssl.SSLContext | None:
+        from reconciler.tls import is_loopback
+
+        return self.client if self.loopback or not is_loopback(host) else None
+
+
+async def open_connection(host: str, port: int, *, timeout_s: float,
+                          tls: DataPathTLS | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection with Nagle's algorithm off (frames are small and latency-bound), over
+    TLS when ``tls`` says so for ``host``."""
+    context = tls.client_for(host) if tls is not None else None
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, ssl_handshake_timeout=timeout_s if context else None),
+        timeout_s)
     set_nodelay(writer)
     return reader, writer
 

@@ -1,9 +1,8 @@
 """The node's HTTP application: authentication, Status errors, health, and the resource API.
 
 Other parts of the node mount their routes on the returned app before it starts (membership
-under /internal, the OpenAI API under /v1, /metrics, the dashboard at /). Everything under
-/apis/, /internal/ and /v1/ needs the bearer token; everything else is public. Errors under /v1/
-take OpenAI's shape instead of a Status.
+under /internal, the OpenAI API under /v1, /metrics, the dashboard at /). Which role each route
+needs is in server/auth.py's one table. Errors under /v1/ take OpenAI's shape instead of a Status.
 """
 from __future__ import annotations
 
@@ -13,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from reconciler.server.auth import auth_middleware
+from reconciler.server.auth_tokens import add_token_routes
 from reconciler.server.errors import ApiError, status_response
 from reconciler.server.keys import NODE, STORE, WATCHES, NodeInfo, Watches
 from reconciler.server.openai_errors import is_openai_path, openai_error_response
@@ -28,11 +29,6 @@ def is_protected(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED_PREFIXES)
 
 
-def _route_path(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else ""
-
-
 def token_matches(header: str | None, token: str) -> bool:
     """``Authorization: Bearer <token>``, compared in constant time."""
     if not header:
@@ -41,21 +37,6 @@ def token_matches(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(presented.strip().encode(), token.encode())
-
-
-def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (is_protected(request.path) or is_protected(_route_path(request))) and not token_matches(
-                request.headers.get("Authorization"), token):
-            if is_openai_path(request.path):
-                return openai_error_response(401, "Incorrect API key provided: send Authorization: Bearer <the "
-                                             "cluster token>", code="invalid_api_key",
-                                             headers={"WWW-Authenticate": 'Bearer realm="exo"'})
-            raise ApiError(401, "Unauthorized: send Authorization: Bearer <token> (the cluster token)",
-                           headers={"WWW-Authenticate": 'Bearer realm="exo"'})
-        return await handler(request)
-    return authenticate
 
 
 @web.middleware
@@ -111,15 +92,17 @@ async def _end_watches(app: web.Application) -> None:
 
 
 def create_app(*, store: Store, token: str, node_name: str, watch_disconnect_check_s: float = 10.0) -> web.Application:
-    """The node's API app; the Store and node info are reachable through ``STORE`` and ``NODE``."""
+    """The node's API app; the Store and node info are reachable through ``STORE`` and ``NODE``.
+    ``token`` is the cluster secret (the root credential); role tokens live in the store."""
     if not token:
         raise ValueError("an API token is required")
-    app = web.Application(middlewares=[_status_errors, _auth_middleware(token), _fresh_reads])
+    app = web.Application(middlewares=[_status_errors, auth_middleware(token), _fresh_reads])
     app[STORE] = store
     app[NODE] = NodeInfo(name=node_name)
     app[WATCHES] = Watches(disconnect_check_s=watch_disconnect_check_s)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_resource_routes(app)
+    add_token_routes(app)
     app.on_shutdown.append(_end_watches)
     return app

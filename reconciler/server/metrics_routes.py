@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from reconciler.metrics import NodeMetrics
 from reconciler.server.app import token_matches
+from reconciler.server.auth import principal
 from reconciler.server.errors import ApiError
 from reconciler.server.keys import STORE
 
@@ -85,7 +86,7 @@ def sd_target_groups(nodes: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _require_token(request: web.Request, token: str) -> None:
-    if not token_matches(request.headers.get("Authorization"), token):
+    if principal(request) is None and not token_matches(request.headers.get("Authorization"), token):
         raise ApiError(401, "Unauthorized: send Authorization: Bearer <token> (the cluster token); "
                        "in Prometheus, authorization.credentials_file",
                        headers={"WWW-Authenticate": 'Bearer realm="exo"'})

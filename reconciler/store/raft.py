@@ -29,6 +29,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 from reconciler.store.base import Store, StoreRefused, StoreUnavailable
 from reconciler.store.consistency import Checkpoints
 from reconciler.store.files import check_dump, check_journal, disk_full_reason, remove_raft_files
+from reconciler.store import raft_guard
 from reconciler.store.raft_fixes import PatchedSyncObj
 from reconciler.store.snapshot import state_from_snapshot, state_to_snapshot
 from reconciler.store.state import StoreState, apply
@@ -40,6 +41,9 @@ DUMP_FILE = "raft.dump"
 MEMBERS_FILE = "raft-members.json"
 
 _FAIL_NAMES = {getattr(FAIL_REASON, n): n.lower() for n in dir(FAIL_REASON) if n.isupper()}
+
+
+raft_guard.install()  # bounded buffering on the Raft port, before any SyncObj exists
 
 
 @dataclass(frozen=True)

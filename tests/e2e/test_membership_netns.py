@@ -19,11 +19,13 @@ MDNS_GROUP_HEX = "FB0000E0"  # 224.0.0.251 as /proc/net/igmp writes it
 
 # Run inside a namespace: GET a path of the local node, print {"status", "body"} as JSON.
 QUERY = """
-import json, sys, urllib.error, urllib.request
+import json, ssl, sys, urllib.error, urllib.request
 url, token = sys.argv[1], sys.argv[2]
 request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # HTTPS from the cluster CA; not what is tested here
 try:
-    with urllib.request.urlopen(request, timeout=2) as resp:
+    with urllib.request.urlopen(request, timeout=2, context=context) as resp:
         print(json.dumps({"status": resp.status, "body": json.loads(resp.read())}))
 except urllib.error.HTTPError as err:
     print(json.dumps({"status": err.code, "body": None}))
@@ -33,7 +35,7 @@ except OSError as err:
 
 
 def get(lab: NetnsLab, host, path: str, secret: str) -> tuple[int, dict | None]:
-    out = lab.run(host, [sys.executable, "-c", QUERY, f"http://{host.address}:{API_PORT}{path}", secret])
+    out = lab.run(host, [sys.executable, "-c", QUERY, f"https://{host.address}:{API_PORT}{path}", secret])
     reply = json.loads(out.stdout)
     return reply["status"], reply["body"]
 

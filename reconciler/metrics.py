@@ -15,6 +15,7 @@ HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PHASES = ("Pending", "Loading", "Ready", "Failed")
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class NodeMetrics:
@@ -52,6 +53,29 @@ class NodeMetrics:
             "exo_inference_queued", "Inference requests waiting for a generation slot on this entry node", registry=r)
         self.inference_rejected = Counter(
             "exo_inference_rejected", "Inference requests refused with 429 (slots and queue full)", registry=r)
+
+        self.stage_batch_size = Histogram(
+            "exo_stage_batch_size", "Requests in one compute step of a stage (decode steps run batched)",
+            ["shard"], buckets=BATCH_BUCKETS, registry=r)
+        self.stage_queue_wait_seconds = Histogram(
+            "exo_stage_queue_wait_seconds", "Time a received chunk waited for its stage's compute thread",
+            ["shard"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_stage_step(self, shard: str, rows: int, waits: list[float]) -> None:
+        self.stage_batch_size.labels(shard).observe(rows)
+        histogram = self.stage_queue_wait_seconds.labels(shard)
+        for wait in waits:
+            histogram.observe(wait)
+
+    def watch_stage_requests(self, requests: Callable[[], dict[str, int]]) -> None:
+        """exo_stage_requests_in_flight{shard}, read from the stage server at scrape time."""
+        def collect() -> Iterable[GaugeMetricFamily]:
+            family = gauge("exo_stage_requests_in_flight", "Requests open on a stage of this node", ["shard"])
+            for shard, count in sorted(requests().items()):
+                family.add_metric([shard], count)
+            return [family]
+
+        self.add_state_collector(collect)
 
     def observe_reconcile(self, controller: str, result: str, seconds: float) -> None:
         self.reconciles.labels(controller, result).inc()

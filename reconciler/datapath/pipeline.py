@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
+from reconciler.datapath.sampled import Sampled
 from reconciler.datapath.wire import (
     FLAG_SAMPLE,
     ConnectionClosed,
+    DataPathTLS,
     ErrorReport,
     Frame,
     Kind,
@@ -175,6 +177,7 @@ class PipelineClient:
         dead_after_s: float = 2.5,
         idle_timeout_s: float = 60.0,
         token: str | None = None,
+        tls: DataPathTLS | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be at least 1, got {prefill_chunk}")
@@ -189,6 +192,7 @@ class PipelineClient:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._dead_after_s = dead_after_s
         self._token = token  # sent in a HELLO on every new stage connection
+        self._tls = tls  # TLS towards non-loopback stages (reconciler.datapath.wire.DataPathTLS)
         self.hop_observer: Callable[[float], None] | None = None  # seconds per network hop (metrics)
         self._connections: dict[tuple[str, int], _StageConnection] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -200,7 +204,8 @@ class PipelineClient:
             if conn is not None and conn.failure is None:
                 return conn
             try:
-                reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+                reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s,
+                                                       tls=self._tls)
                 if self._token is not None:
                     write_frame(writer, hello_frame(self._token))
             except (OSError, asyncio.TimeoutError) as exc:
@@ -223,6 +228,7 @@ class PipelineClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_ids: Iterable[int] = (),
+        sampling: SamplingParams | None = None,
     ) -> AsyncIterator[int]:
         """Yield sampled token ids (a stop id ends the stream and is not yielded). Closing the
         iterator early (`aclose()`, or leaving `async with contextlib.aclosing(...)`) frees the
@@ -233,9 +239,10 @@ class PipelineClient:
             raise ValueError("prompt_ids: must hold at least one token")
         if max_tokens < 0:
             raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
-        sampling = SamplingParams(
-            temperature=temperature, top_p=top_p, seed=secrets.randbits(62) if seed is None else seed
-        )
+        if sampling is None:  # the whole set (penalties, bias, filters) replaces the three fields
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        if sampling.seed is None:
+            sampling = sampling.model_copy(update={"seed": secrets.randbits(62)})
         stops = frozenset(stop_ids)
         ids = [int(t) for t in prompt_ids]
         if max_tokens == 0:
@@ -279,7 +286,7 @@ class PipelineClient:
                     raise RouteError(f"stage {frame.stage} sent an unexpected {frame.kind.name} frame")
                 if frame.token in stops:
                     return
-                yield frame.token
+                yield frame.token if frame.meta is None else Sampled.from_meta(frame.token, frame.meta)
                 if produced == max_tokens:
                     return
                 entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position, tensor=_token_tensor([frame.token])))
@@ -292,9 +299,10 @@ class PipelineClient:
 
     async def _next(self, queue: asyncio.Queue[Frame | Exception], route: Sequence[StageAddress],
                     waiting_for: str) -> Frame:
-        try:
-            item = await asyncio.wait_for(queue.get(), self.idle_timeout_s)
-        except asyncio.TimeoutError:
+        try:  # a timer on this task, not wait_for's extra task per frame (the per-token hot path)
+            async with asyncio.timeout(self.idle_timeout_s):
+                item = await queue.get()
+        except TimeoutError:
             stages = " -> ".join(str(address) for address in route)
             raise RequestStalled(f"no progress for {self.idle_timeout_s:g} s waiting for {waiting_for} "
                                  f"(route {stages})") from None

@@ -15,18 +15,17 @@ bound is not read until they drain, so a flooding peer meets TCP backpressure.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 
 from reconciler.datapath.wire import (
     FLAG_SAMPLE,
     ConnectionClosed,
+    DataPathTLS,
     ErrorReport,
     Frame,
     Kind,
@@ -44,6 +43,9 @@ from reconciler.datapath.wire import (
     tensor_to_array,
     write_frame,
 )
+from reconciler.datapath.batcher import DEFAULT_MAX_BATCH_SIZE, DecodeBatch, Job, ShardBatcher
+from reconciler.datapath.sampled import token_meta
+from reconciler.datapath.sampling import RequestSampler
 from reconciler.runtime.shard_model import ShardModel
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class _Request:
     sampling: SamplingParams
     sampler: RequestSampler  # built when the request is opened
     cache: list[Any] | None = None
+    batch: DecodeBatch | None = None  # while its cache is merged into the shard's decode batch
     offset: int = 0
     ended: bool = False
 
@@ -105,69 +108,109 @@ class StageError(RuntimeError):
     """A request cannot go on at this stage (reported to the origin, never raised to the loop)."""
 
 
-class RequestSampler:
-    """mlx-lm's sampling for one request, with the request's own random key.
-
-    mlx_lm.sample_utils.make_sampler draws from mlx's global random state (its
-    ``categorical_sampling`` is compiled over ``mx.random.state``, which mlx lets one reseed with an
-    int but never set to a key), so requests sharing a process would share one stream and a seeded
-    request would depend on the others. So this chains mlx-lm's own filters as make_sampler does
-    (``apply_top_p``) and draws ``categorical(logprobs / temp)`` with a key split off the
-    request's: the same tokens as make_sampler after ``mx.random.seed(seed)``."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.temperature = params.temperature
-        self._filters: list[Any] = []
-        # An OPEN without a seed (the pipeline client always sends one) draws its own.
-        self._seed = secrets.randbits(62) if params.seed is None else params.seed
-        self._key: Any = None  # made on the compute thread, at the first draw (MLX streams are per thread)
-        if self.temperature == 0:
-            return
-        # Not at module level (mlx_lm takes seconds to import); loading a shard imported it already.
-        from mlx_lm.sample_utils import apply_top_p
-
-        if 0 < params.top_p < 1.0:
-            self._filters.append(lambda logprobs: apply_top_p(logprobs, params.top_p))
-
-    def __call__(self, logprobs: mx.array) -> int:
-        if self.temperature == 0:
-            return int(mx.argmax(logprobs, axis=-1).item())
-        for apply in self._filters:
-            logprobs = apply(logprobs)
-        self._key, draw = mx.random.split(self._key if self._key is not None else mx.random.key(self._seed))
-        return int(mx.random.categorical(logprobs * (1.0 / self.temperature), key=draw).item())
-
-
-def _compute(request: _Request, frame: Frame) -> Frame | None:
-    """Runs on the shard's compute thread: one chunk through this stage."""
-    if request.ended:
-        return None
+def _check(request: _Request, frame: Frame) -> None:
     if frame.tensor is None:
         raise StageError("FORWARD frame carries no tensor")
     if frame.position != request.offset:
         raise StageError(f"chunk starts at position {frame.position}, but the cache holds {request.offset}")
+
+
+def _compute(job: Job) -> Frame | None:
+    """Runs on the shard's compute thread: one chunk of one request through this stage."""
+    request, frame = job.request, job.frame
+    if request.ended:
+        return None
+    _check(request, frame)
     shard = request.shard
+    if request.batch is not None:  # it stepped in a batch before: its own cache comes back
+        request.batch.release(request, keep_cache=True)
     if request.cache is None:
         request.cache = shard.make_cache()
     x = tensor_to_array(frame.tensor)
     out = shard.forward(x, cache=request.cache)
     request.offset += x.shape[1]
     if not shard.is_last:
-        return Frame(
-            Kind.FORWARD, request.request_id, stage=request.stage + 1, flags=frame.flags,
-            position=frame.position, tensor=array_to_tensor(out),
-        )  # fmt: skip
+        return _hidden(request, frame, out)
     if not frame.flags & FLAG_SAMPLE:
         mx.eval([c.state for c in request.cache])  # prefill: the logits are never computed
         return Frame(Kind.ACK, request.request_id, stage=request.stage, position=request.offset)
-    logits = out[:, -1, :]
-    logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=request.sampler(logprobs))
+    return _sample(request, out[:, -1, :])
+
+
+def _compute_rows(batch: DecodeBatch, jobs: list[Job]) -> list[Frame | None | Exception]:
+    """Runs on the compute thread: the single-token chunks of several requests as one forward."""
+    outcomes: list[Frame | None | Exception] = [None] * len(jobs)
+    rows: list[int] = []
+    for index, job in enumerate(jobs):
+        if job.request.ended:
+            continue
+        try:
+            _check(job.request, job.frame)
+        except StageError as exc:
+            outcomes[index] = exc
+            continue
+        rows.append(index)
+    if len(rows) < 2:
+        for index in rows:
+            outcomes[index] = _outcome(_compute, jobs[index])
+        return outcomes
+    requests = [jobs[i].request for i in rows]
+    shard = batch.shard
+    try:
+        caches = batch.arrange(requests)
+        x = mx.concatenate([tensor_to_array(jobs[i].frame.tensor) for i in rows], axis=0)
+        out = shard.forward(x, cache=caches)
+        if shard.is_last:
+            out = out[:, -1, :]
+        mx.eval([out] + [c.state for c in caches])
+    except Exception as exc:  # the merged caches are in an unknown state: every row fails
+        batch.drop()
+        for index in rows:
+            outcomes[index] = exc
+        return outcomes
+    for row, index in enumerate(rows):
+        request, frame = jobs[index].request, jobs[index].frame
+        request.offset += 1
+        if not shard.is_last:
+            outcomes[index] = _hidden(request, frame, out[row : row + 1])
+        elif frame.flags & FLAG_SAMPLE:
+            outcomes[index] = _outcome(_sample, request, out[row : row + 1])
+        else:
+            outcomes[index] = Frame(Kind.ACK, request.request_id, stage=request.stage, position=request.offset)
+    return outcomes
+
+
+def _outcome(fn: Any, *args: Any) -> Frame | None | Exception:
+    try:
+        return fn(*args)
+    except Exception as exc:  # reported to that request's origin only
+        return exc
+
+
+def _hidden(request: _Request, frame: Frame, out: mx.array) -> Frame:
+    return Frame(
+        Kind.FORWARD, request.request_id, stage=request.stage + 1, flags=frame.flags,
+        position=frame.position, tensor=array_to_tensor(out),
+    )  # fmt: skip
+
+
+def _sample(request: _Request, logits: mx.array) -> Frame:
+    """The request's next token from its last position's logits (1, vocabulary), by its own rules."""
+    token = request.sampler(logits)
+    return Frame(Kind.TOKEN, request.request_id, stage=request.stage, token=token, meta=token_meta(token))
 
 
 def _release(request: _Request) -> None:
     """Runs on the compute thread after any queued chunk of the request: frees its KV cache."""
+    if request.batch is not None:
+        request.batch.release(request, keep_cache=False)
     request.cache = None
+
+
+def _half(requests: int) -> int:
+    """Rows per step on a stage with a next one: half its requests, so while the next stage runs
+    one half, this one runs the other (the stages of a pipeline compute at the same time)."""
+    return max(1, -(-requests // 2))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
@@ -179,12 +222,21 @@ class StageServer:
     """Hosts loaded shards behind one TCP port. Start with `await start()`, stop with `stop()`."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0,
-                 token: str | None = None, max_buffered_bytes: int = DEFAULT_BUFFER_BOUND) -> None:
+                 token: str | None = None, max_buffered_bytes: int = DEFAULT_BUFFER_BOUND,
+                 tls: DataPathTLS | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
         if max_buffered_bytes < 1:
             raise ValueError(f"max_buffered_bytes: must be positive, got {max_buffered_bytes}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         self.host = host
         self.max_buffered_bytes = max_buffered_bytes
+        self.max_batch_size = max_batch_size  # requests whose decode steps run as one forward
+        # Called per compute step: (shard, rows in the step, queue wait of each row in seconds).
+        self.step_observer: Callable[[str, int, list[float]], None] | None = None
+        self._batchers: dict[str, ShardBatcher] = {}
+        self._batch_limits: dict[str, int] = {}  # shard -> its own max batch size (spec), if set
         self._token = token  # when set, every connection must open with a HELLO carrying it
+        self._tls = tls  # when set, the port accepts TLS only (and links use it off loopback)
         self._port = port
         self._connect_timeout_s = connect_timeout_s
         self._shards: dict[str, ShardModel] = {}
@@ -204,7 +256,9 @@ class StageServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._serve, self.host, self._port)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self._port, ssl=self._tls.server if self._tls else None,
+            ssl_handshake_timeout=self._connect_timeout_s if self._tls else None)
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -240,13 +294,29 @@ class StageServer:
 
     # -- shards ----------------------------------------------------------------------------
 
-    def add_shard(self, name: str, shard: ShardModel, *, max_requests: int | None = None) -> None:
+    def add_shard(self, name: str, shard: ShardModel, *, max_requests: int | None = None,
+                  max_batch_size: int | None = None) -> None:
         """Serve ``shard`` as ``name``; with ``max_requests``, an OPEN beyond that many requests at
-        once is refused as busy (the KV cache the plan reserved holds that many)."""
+        once is refused as busy (the KV cache the plan reserved holds that many). ``max_batch_size``
+        (default: the server's) bounds the requests whose decode steps run as one forward."""
         if name in self._shards:
             raise ValueError(f"shard {name!r} is already served here")
         self._shards[name] = shard
         self.set_request_limit(name, max_requests)
+        self.set_batch_limit(name, max_batch_size)
+
+    def set_batch_limit(self, name: str, max_batch_size: int | None) -> None:
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be at least 1, got {max_batch_size}")
+        if max_batch_size is None:
+            self._batch_limits.pop(name, None)
+        else:
+            self._batch_limits[name] = max_batch_size
+        if (batcher := self._batchers.get(name)) is not None:
+            batcher.max_batch_size = self.batch_limit(name) if batcher.batch is not None else 1
+
+    def batch_limit(self, name: str) -> int:
+        return self._batch_limits.get(name, self.max_batch_size)
 
     def set_request_limit(self, name: str, max_requests: int | None) -> None:
         if max_requests is None:
@@ -258,8 +328,10 @@ class StageServer:
         """Stop serving `name`; its requests fail at their origins. The caller closes the shard."""
         shard = self._shards.pop(name)
         self._request_limits.pop(name, None)
+        self._batch_limits.pop(name, None)
         for request in [r for r in self._requests.values() if r.shard_name == name]:
             self._fail(request, f"shard {name!r} was unloaded")
+        self._batchers.pop(name, None)
         return shard
 
     def shard_names(self) -> list[str]:
@@ -268,9 +340,17 @@ class StageServer:
     def active_requests(self, shard: str | None = None) -> int:
         return sum(1 for r in self._requests.values() if shard is None or r.shard_name == shard)
 
+    def requests_per_shard(self) -> dict[str, int]:
+        """Open requests of every served shard (the in-flight gauge per stage)."""
+        counts = dict.fromkeys(self._shards, 0)
+        for request in list(self._requests.values()):
+            if request.shard_name in counts:
+                counts[request.shard_name] += 1
+        return counts
+
     def kv_caches(self) -> int:
         """KV caches still held in memory (a request's cache lives until its release has run)."""
-        return sum(1 for r in list(self._unreleased) if r.cache is not None)
+        return sum(1 for r in list(self._unreleased) if r.cache is not None or r.batch is not None)
 
     def buffered_bytes(self) -> int:
         """Bytes held for peers right now: unsent to next hops, and received chunks not computed."""
@@ -329,7 +409,8 @@ class StageServer:
             link = self._links.get(key)
             if link is not None and not link.closed:
                 return link
-            reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s)
+            reader, writer = await open_connection(address.host, address.port, timeout_s=self._connect_timeout_s,
+                                                   tls=self._tls)
             if self._token is not None:
                 write_frame(writer, hello_frame(self._token))
             link = _Peer(writer, f"{address.host}:{address.port}")
@@ -394,7 +475,7 @@ class StageServer:
         request = _Request(
             request_id=frame.request_id, stage=frame.stage, shard_name=spec.shard, shard=shard,
             origin=peer, next_hop=link, sampling=spec.sampling,
-            sampler=RequestSampler(spec.sampling),
+            sampler=RequestSampler(spec.sampling, model_dir=shard.path),
         )  # fmt: skip
         old = self._requests.get(request.key)
         if old is not None:
@@ -403,39 +484,57 @@ class StageServer:
         self._unreleased.add(request)
         peer.send(Frame(Kind.OPENED, frame.request_id, stage=frame.stage))
 
+    def _batcher(self, name: str, shard: ShardModel) -> ShardBatcher:
+        """The shard's queue of chunks waiting for compute (made on first use, on the loop)."""
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            assert self._loop is not None
+            # The capability B's and any other shard can rely on: no `supports_batching`, no batches.
+            batched = bool(getattr(shard, "supports_batching", False))
+            observer = self.step_observer
+            batcher = ShardBatcher(
+                loop=self._loop, submit=shard.compute.submit, run_one=_compute,
+                run_rows=_compute_rows if batched else None, batch=DecodeBatch(shard) if batched else None,
+                deliver=self._deliver, max_batch_size=self.batch_limit(name),
+                observe=None if observer is None else lambda rows, waits: observer(name, rows, waits),
+                row_limit=None if shard.is_last else lambda limit: min(limit, _half(self.active_requests(name))),
+            )  # fmt: skip
+            self._batchers[name] = batcher
+        return batcher
+
+    def waiting_chunks(self, shard: str) -> int:
+        """Chunks of ``shard`` received and waiting for its compute thread."""
+        batcher = self._batchers.get(shard)
+        return 0 if batcher is None else batcher.waiting
+
     def _forward(self, peer: _Peer, frame: Frame) -> None:
         request = self._requests.get((frame.request_id, frame.stage))
         if request is None:
             return  # ended or cancelled while this chunk was in flight
-        loop = self._loop
-        assert loop is not None
         size = len(frame.tensor.data) if frame.tensor is not None else 0
-        try:
-            future = request.shard.compute.submit(_compute, request, frame)
-        except RuntimeError:  # the shard's compute thread is shut down (it is being unloaded)
-            return self._fail(request, f"shard {request.shard_name!r} was unloaded")
         peer.pending_bytes += size
         if peer.pending_bytes > self.max_buffered_bytes:
             peer.room.clear()
-        # Done-callbacks fire on the compute thread in completion (= submission) order, so the
-        # frames of one request reach the next hop in order.
-        future.add_done_callback(lambda f: _call_soon(loop, self._deliver, request, f, peer, size))
+        # One step at a time per shard, each request's chunks in order: they reach the next hop in order.
+        self._batcher(request.shard_name, request.shard).add(Job(request, frame, peer, size))
 
-    def _deliver(self, request: _Request, future: concurrent.futures.Future[Frame | None],
-                 source: _Peer, size: int) -> None:
-        source.pending_bytes -= size
+    def _refund(self, job: Job) -> None:
+        source = job.source
+        source.pending_bytes -= job.size
         if source.pending_bytes <= self.max_buffered_bytes:
             source.room.set()
-        if request.ended or future.cancelled():
+
+    def _deliver(self, job: Job, out: Frame | None | BaseException) -> None:
+        self._refund(job)
+        request = job.request
+        if request.ended or out is None:
             return
-        exc = future.exception()
-        if exc is not None:
-            if not isinstance(exc, StageError):
-                log.exception("stage %s: request %x failed", self._port, request.request_id, exc_info=exc)
-            return self._fail(request, f"{type(exc).__name__}: {exc}")
-        out = future.result()
-        if out is None:
-            return
+        if isinstance(out, BaseException):
+            if isinstance(out, RuntimeError) and request.shard.compute.closing.is_set():
+                return self._fail(request, f"shard {request.shard_name!r} was unloaded")
+            if not isinstance(out, StageError):
+                log.error("stage %s: request %x failed", self._port, request.request_id, exc_info=out)
+            return self._fail(request, f"{type(out).__name__}: {out}")
         if out.kind is not Kind.FORWARD:  # TOKEN or ACK, to the origin
             request.origin.send(out)
             return
@@ -454,6 +553,9 @@ class StageServer:
         request.ended = True
         if self._requests.get(request.key) is request:
             del self._requests[request.key]
+        batcher = self._batchers.get(request.shard_name)
+        for job in batcher.drop(request) if batcher is not None else ():
+            self._refund(job)
         loop = self._loop
         try:
             released = request.shard.compute.submit(_release, request)

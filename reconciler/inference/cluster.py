@@ -15,7 +15,7 @@ from typing import Any
 
 from reconciler.controllers.deployment_status import placement_revision, shard_ready
 from reconciler.datapath import pipeline as datapath
-from reconciler.datapath.wire import StageAddress
+from reconciler.datapath.wire import DataPathTLS, StageAddress
 from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
 from reconciler.inference.context import read_context_length
 from reconciler.models.memory import reserved_context_length
@@ -63,7 +63,8 @@ def ready_routes(deployment: dict[str, Any], shards: list[dict[str, Any]]) -> li
     replicas: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for shard in shards:
         spec = shard["spec"]
-        if spec["deployment"] == key and spec.get("deploymentUid") == deployment["metadata"].get("uid"):
+        follower = (spec.get("tensor") or {}).get("rank", 0) > 0  # a tensor rank the stage's rank 0 drives
+        if spec["deployment"] == key and spec.get("deploymentUid") == deployment["metadata"].get("uid") and not follower:
             replicas.setdefault((spec["replica"], placement_revision(shard)), []).append(shard)
     routes, routed = [], set()
     for replica, revision in sorted(replicas, key=lambda k: (k[0], -k[1])):
@@ -91,8 +92,7 @@ class ClusterModel:
         self._client = client
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int) -> AsyncIterator[int]:
-        tokens = self._client.generate(self.route, list(prompt_ids), max_tokens=max_tokens,
-                                       temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+        tokens = self._client.generate(self.route, list(prompt_ids), max_tokens=max_tokens, sampling=params,
                                        stop_ids=self.tokenizer.eos_token_ids)
         try:
             async for token in tokens:
@@ -111,13 +111,13 @@ class ClusterBackend:
     """``InferenceBackend`` over the store's ModelDeployments and Shards."""
 
     def __init__(self, *, store: Store, data_token: str | None = None, idle_timeout_s: float = 60.0,
-                 prefill_chunk: int = datapath.PREFILL_CHUNK,
+                 prefill_chunk: int = datapath.PREFILL_CHUNK, data_tls: DataPathTLS | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._monotonic = monotonic
         self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
         self.client = datapath.PipelineClient(token=data_token, idle_timeout_s=idle_timeout_s,
-                                              prefill_chunk=prefill_chunk)
+                                              prefill_chunk=prefill_chunk, tls=data_tls)
         self._tokenizers: dict[tuple[str, str | None], Any] = {}
         self._loading: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._round_robin = itertools.count()

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from reconciler.runtime.layer_overlap import overlap_layers
 from reconciler.runtime.stage_split import (
     Inlet,
     StageLayout,
@@ -100,6 +101,7 @@ class ShardModel:
     compute: ComputeThread = field(repr=False)
     layout: StageLayout = field(repr=False)
     inlet: Inlet | None = field(default=None, repr=False)  # None on the first stage (it reads token ids)
+    path: Path | None = None  # the model directory (the last stage reads its tokenizer for grammars)
 
     @property
     def is_first(self) -> bool:
@@ -123,6 +125,26 @@ class ShardModel:
         """A fresh cache, the family's own: one entry per layer of the whole model."""
         return _make_cache(self.model)
 
+    @property
+    def supports_batching(self) -> bool:
+        """Whether several requests' decode steps can run as one forward (every cache of the family
+        has mlx-lm's batched twin). The stage server serves a shard without it one request at a time."""
+        return all(hasattr(cache, "merge") for cache in self.make_cache())
+
+    def merge_caches(self, caches: list[list[Any]]) -> list[Any]:
+        """Several requests' caches as one list of mlx-lm batched caches (row i = ``caches[i]``),
+        for ``forward`` with a batch of rows. Left-padded as mlx-lm's BatchGenerator does."""
+        return [_merge_layer([cache[index] for cache in caches]) for index in range(len(caches[0]))]
+
+    def extract_cache(self, batch: list[Any], row: int) -> list[Any]:
+        """One row of a merged cache, back as that request's own cache."""
+        return [_extract_layer(cache, row) for cache in batch]
+
+    def filter_caches(self, batch: list[Any], rows: list[int]) -> None:
+        """Keep only ``rows`` of a merged cache, in that order (in place)."""
+        for cache in batch:
+            cache.filter(rows)
+
     def forward(self, x: mx.array, *, cache: list[Any]) -> mx.array:
         """Token ids (1, L) on the first stage or hidden states (1, L, D) otherwise, to hidden
         states (1, L, D), or logits (1, L, vocab) on the last stage. Lazy: the caller evaluates."""
@@ -136,7 +158,7 @@ class ShardModel:
         finally:
             if self.inlet is not None:
                 self.inlet.put(None)
-        advance_skipped(cache, self.skipped, batch=x.shape[0], length=x.shape[1])
+        _advance_positions(cache, self.skipped, batch=x.shape[0], length=x.shape[1])
         return out
 
     def close(self) -> concurrent.futures.Future[None]:
@@ -205,6 +227,7 @@ def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: Com
         config = apply_dtype(model, config, dtype=dtype, model_path=model_path)
     except WeightDtypeError as error:
         raise ShardLoadError(str(error)) from None
+    overlap_layers(_inner(model, layout).layers[start:end])  # graph building overlaps compute
     total, done = max(parameter_bytes(model), 1), 0   # nbytes is known before evaluation
     try:
         for layer in _inner(model, layout).layers[start:end]:  # layer by layer so progress can be reported
@@ -229,7 +252,49 @@ def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: Com
         compute=compute,
         layout=layout,
         inlet=inlet,
+        path=model_path,
     )
+
+
+def _position_only(cache: Any) -> bool:
+    """A merged cache of layers that hold no keys (skipped ones): it tracks positions only."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    return type(cache) is BatchKVCache and cache.keys is None
+
+
+def _advance_positions(caches: list[Any], skipped: tuple[int, ...], *, batch: int, length: int) -> None:
+    """``advance_skipped``, and for merged position-only caches the same move of their offsets."""
+    rest = []
+    for index in skipped:
+        cache = caches[index]
+        if _position_only(cache):
+            cache.offset = cache.offset + length
+            cache._idx += length
+        else:
+            rest.append(index)
+    advance_skipped(caches, tuple(rest), batch=batch, length=length)
+
+
+def _merge_layer(column: list[Any]) -> Any:
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    if all(type(c) is KVCache and c.keys is None for c in column):  # skipped (or empty) layer: positions
+        lengths = [c.offset for c in column]
+        merged = BatchKVCache([max(lengths) - n for n in lengths])
+        merged.offset, merged._idx = mx.array(lengths), max(lengths)
+        return merged
+    return type(column[0]).merge(column)
+
+
+def _extract_layer(cache: Any, row: int) -> Any:
+    from mlx_lm.models.cache import KVCache
+
+    if not _position_only(cache):
+        return cache.extract(row)
+    single = KVCache()
+    single.offset = int(cache.offset[row].item())
+    return single
 
 
 def _make_cache(model: nn.Module) -> list[Any]:

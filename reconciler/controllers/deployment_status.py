@@ -51,7 +51,8 @@ def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]
     for replica, revision in sorted(by_replica, key=lambda k: (k[0], -k[1])):  # newest placement first
         replica_shards = by_replica[(replica, revision)]
         stages = replica_shards[0]["spec"]["stages"]
-        if replica not in counted and len(replica_shards) == stages and all(shard_ready(s) for s in replica_shards):
+        whole = len({s["spec"]["index"] for s in replica_shards}) == stages  # a tensor stage has a shard per rank
+        if replica not in counted and whole and all(shard_ready(s) for s in replica_shards):
             ready_replicas += 1
             counted.add(replica)
             if endpoint is None:  # any node serves the model; the first stage's node is the natural entry

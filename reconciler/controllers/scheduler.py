@@ -21,21 +21,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
 
-from exo_ctl.api.resources import ModelDeployment, Node, Shard
+from exo_ctl.api.resources import ModelDeployment, Node, Shard, TensorGroup, TensorPeer
 from reconciler.controllers.deployment_status import REVISION_LABEL, deployment_status, placement_revision
 from reconciler.controllers.manager import Controller
 from reconciler.models.catalog import resolve_profile, split_refusal_of
 from reconciler.models.metadata import ModelMetadataError, ModelProfile
+from reconciler.runtime.tensor_group import ring_ports, tensor_refusal_of
 from reconciler.scheduler.placement import PlacementPlan, deployment_key, node_is_ready, place, room_for_both
+from reconciler.server.events import placement_message, record_event
 from reconciler.store.base import Store, StoreError, make_command, utcnow_iso
 
 log = logging.getLogger(__name__)
 PROFILE_RETRY_SECONDS = 5.0
 # Ready reasons of problems the scheduler looks at again after a pause (the files may be fixed).
 RETRIED_REASONS = ("ModelNotFound", "InvalidModelConfig", "InvalidModelFiles", "UnsupportedDtype",
-                   "UnsplittableModel", "ShardNameConflict")
+                   "UnsplittableModel", "ShardNameConflict", "TensorParallelUnsupported")
 
 
 MAX_NAME = 253  # a DNS-1123 subdomain
@@ -61,11 +62,20 @@ def shard_name(deployment: ModelDeployment, replica: int, index: int, *, revisio
     return base + suffix
 
 
-def desired_shards(deployment: ModelDeployment, plan: PlacementPlan, *, revision: int = 0) -> dict[str, dict[str, Any]]:
-    """Shard objects (name → body) for every assignment of the plan, as placement ``revision``."""
+def desired_shards(deployment: ModelDeployment, plan: PlacementPlan, *, revision: int = 0,
+                   hosts: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Shard objects (name → body) for every assignment of the plan, as placement ``revision``.
+    A tensor-parallel stage is one Shard per rank (rank 0 keeps the stage's name, rank K adds
+    ``-tK``), each with the group's ring addresses (``hosts``: node name → address)."""
     out = {}
     for assignment in plan.assignments:
         name = shard_name(deployment, assignment.replica, assignment.index, revision=revision)
+        tensor = None
+        if assignment.tensor_nodes:
+            tensor = TensorGroup(rank=assignment.tensor_rank, size=len(assignment.tensor_nodes), peers=[
+                TensorPeer(node=node, address=f"{(hosts or {}).get(node, '127.0.0.1')}:{ring_ports(name, rank=rank)[0]}")
+                for rank, node in enumerate(assignment.tensor_nodes)])
+            name += f"-t{assignment.tensor_rank}" if assignment.tensor_rank else ""
         labels = {"exo.dev/deployment": deployment.metadata.name,
                   "exo.dev/namespace": deployment.metadata.namespace or "default",
                   "exo.dev/node": assignment.node}
@@ -74,12 +84,12 @@ def desired_shards(deployment: ModelDeployment, plan: PlacementPlan, *, revision
         out[name] = {
             "apiVersion": "exo.dev/v1alpha1", "kind": "Shard",
             "metadata": {"name": name, "labels": labels},
-            "spec": assignment.to_spec(deployment).model_dump(mode="json", exclude_none=True),
+            "spec": assignment.to_spec(deployment, tensor=tensor).model_dump(mode="json", exclude_none=True),
         }
     return out
 
 
-LOAD_FIELDS = ("nodeName", "layers", "stages", "totalLayers", "model")  # what a running pipeline depends on
+LOAD_FIELDS = ("nodeName", "layers", "stages", "totalLayers", "model", "tensor")  # what a running pipeline depends on
 
 
 def _moves(desired: dict[str, dict[str, Any]], ours: dict[str, Shard]) -> bool:
@@ -99,9 +109,22 @@ def placement_serving(shards: list[Shard], *, ready_nodes: set[str]) -> bool:
     replicas: dict[int, list[Shard]] = {}
     for shard in shards:
         replicas.setdefault(shard.spec.replica, []).append(shard)
-    return all(len(group) == group[0].spec.stages for group in replicas.values()) and all(
+    return all(_whole(group) for group in replicas.values()) and all(
         s.status is not None and s.status.phase == "Ready" and s.status.observedGeneration == s.metadata.generation
         and s.spec.nodeName in ready_nodes for s in shards)
+
+
+def _whole(replica: list[Shard]) -> bool:
+    """One shard per stage (a tensor group counts by its rank 0; its others cannot be Ready alone)."""
+    stages = [s for s in replica if s.spec.tensor is None or s.spec.tensor.rank == 0]
+    return bool(stages) and len(stages) == stages[0].spec.stages
+
+
+def _body(shard: Shard) -> dict[str, Any]:
+    """A current shard as a desired one (kept where it is)."""
+    return {"apiVersion": shard.apiVersion, "kind": "Shard",
+            "metadata": {"name": shard.metadata.name, "labels": dict(shard.metadata.labels)},
+            "spec": shard.spec.model_dump(mode="json", exclude_none=True)}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -121,7 +144,7 @@ class SchedulerController(Controller):
         self.clock = clock
         self.resolve = profile_resolver
         self.split_check = split_check
-        self._profiles: dict[tuple[str, str | None, str | None], tuple[float, ModelProfile | tuple[str, str]]] = {}
+        self._profiles: dict[tuple[str, str | None, str | None, int], tuple[float, ModelProfile | tuple[str, str]]] = {}
         # Inputs of each settled deployment, and until when they count as settled.
         self._inputs: dict[tuple[str, str | None], tuple[tuple[Any, ...], float]] = {}
         self._last_full_pass = float("-inf")
@@ -134,21 +157,26 @@ class SchedulerController(Controller):
         """The model's profile, or (reason, message) when it cannot be read or split (looked at
         again after a few seconds). Read off the event loop: file headers, and mlx-lm's own
         classes to tell whether a model on disk can be split."""
-        model = deployment.spec.model
-        key = (model.source, model.dtype, model.revision)
+        model, tensor = deployment.spec.model, deployment.spec.parallelism.tensor
+        key = (model.source, model.dtype, model.revision, tensor)
         cached = self._profiles.get(key)
         if cached and (isinstance(cached[1], ModelProfile) or self.clock() - cached[0] < PROFILE_RETRY_SECONDS):
             return cached[1]
-        result = await asyncio.to_thread(self._read_model, model.source, dtype=model.dtype, revision=model.revision)
+        result = await asyncio.to_thread(self._read_model, model.source, dtype=model.dtype, revision=model.revision,
+                                         tensor=tensor)
         self._profiles[key] = (self.clock(), result)
         return result
 
-    def _read_model(self, source: str, *, dtype: str | None, revision: str | None) -> ModelProfile | tuple[str, str]:
+    def _read_model(self, source: str, *, dtype: str | None, revision: str | None,
+                    tensor: int = 1) -> ModelProfile | tuple[str, str]:
         try:
             profile = self.resolve(source, dtype=dtype, revision=revision)
             refusal = self.split_check(source, revision=revision, num_layers=profile.num_layers)
+            unsharded = tensor_refusal_of(source, revision=revision, ranks=tensor) if not refusal else None
         except ModelMetadataError as error:
             return (error.reason, str(error))
+        if unsharded:
+            return ("TensorParallelUnsupported", unsharded)
         return ("UnsplittableModel", refusal) if refusal else profile
 
     async def reconcile(self) -> None:
@@ -207,26 +235,46 @@ class SchedulerController(Controller):
         unused: dict[str, str] | None = None  # Spread: nodes left without layers, and why
         profile = await self.profile(deployment)
         ready_nodes = {n.metadata.name for n in nodes if node_is_ready(n)}
+        cordoned_nodes = {n.metadata.name for n in nodes if n.spec.unschedulable}
         if not isinstance(profile, ModelProfile):
             problem, desired = profile, {}
         else:
             plan = place(deployment=deployment, nodes=nodes, shards=[s for s in shards if s.metadata.name not in older],
                          profile=profile)
-            desired = desired_shards(deployment, plan, revision=revision)
+            hosts = {n.metadata.name: n.spec.address for n in nodes}
+            desired = desired_shards(deployment, plan, revision=revision, hosts=hosts)
             unused = plan.unused if deployment.spec.placement.strategy == "Spread" else None
-            if not plan.schedulable:
+            serving = placement_serving(list(ours.values()), ready_nodes=ready_nodes)
+            held = sorted(cordoned_nodes & {s.spec.nodeName for s in ours.values()})
+            if not plan.schedulable and held and serving:
+                # Without the cordoned node it does not fit: it keeps serving there rather than stop.
+                record_event(self.store, raw, reason="DrainBlocked", type_="Warning", component="scheduler",
+                             message=f"shards stay on cordoned node {', '.join(held)}: {plan.reason}")
+                desired = {name: _body(shard) for name, shard in ours.items()}
+            elif not plan.schedulable:
                 problem = ("Unschedulable", plan.reason or "cannot be placed")
-            elif _moves(desired, ours) and placement_serving(list(ours.values()), ready_nodes=ready_nodes):
+            elif _moves(desired, ours) and serving:
                 short = room_for_both(deployment=deployment, nodes=nodes, shards=shards, plan=plan)
                 if short is None:  # make before break: a new set beside the serving one
                     revision += 1
                     log.info("placing %s again as revision %d beside the serving one", key, revision)
-                    ours, desired = {}, desired_shards(deployment, plan, revision=revision)
+                    record_event(self.store, raw, reason="Replaced", component="scheduler",
+                                 message=f"placed again as revision {revision} beside the serving placement")
+                    ours, desired = {}, desired_shards(deployment, plan, revision=revision, hosts=hosts)
+                elif held:
+                    # Draining never interrupts requests: the shards stay on the cordoned node until room exists.
+                    record_event(self.store, raw, reason="DrainBlocked", type_="Warning", component="scheduler",
+                                 message=f"shards stay on cordoned node {', '.join(held)}: {short}")
+                    desired = {name: _body(shard) for name, shard in ours.items()}
                 else:
                     log.warning("placing %s again in place (break before make): %s", key, short)
+                    record_event(self.store, raw, reason="Rebalanced", type_="Warning", component="scheduler",
+                                 message=f"placed again in place (break before make): {short}")
         wrote, conflicts = False, []
         if problem is None or desired:
             wrote, conflicts = await self._converge(desired, ours, key=key)
+            if wrote and problem is None and desired:
+                record_event(self.store, raw, reason="Scheduled", message=placement_message(desired), component="scheduler")
         wrote = await self._collect_old_placements(key=key, uid=uid, ready_nodes=ready_nodes) or wrote
         if conflicts and problem is None:
             problem = ("ShardNameConflict", "; ".join(conflicts))
@@ -239,6 +287,9 @@ class SchedulerController(Controller):
         status = deployment_status(deployment=live, shards=shards_now, problem=problem, now=utcnow_iso(),
                                    api_urls=api_urls, unused_nodes=unused)
         if not _same(status, live.get("status")):
+            if problem is not None and problem[0] == "Unschedulable":
+                record_event(self.store, live, reason="Unschedulable", type_="Warning", message=problem[1],
+                             component="scheduler")
             wrote = True
             try:
                 await self.store.submit(make_command(

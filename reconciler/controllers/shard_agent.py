@@ -7,17 +7,21 @@ unloaded shard is joined off the loop and its memory handed back when its thread
 deleted shard that still has requests in flight keeps serving them (at most DRAIN_SECONDS) while
 the router already sends new ones elsewhere, so a re-placement interrupts nothing. A shard is
 reloaded only when what it holds changes (model, dtype or layer range), not when unrelated fields
-of its spec do.
+of its spec do. A tensor-parallel Shard (``spec.tensor``) runs in its rank's own process (see
+``runtime.tensor_shard``); only rank 0 is served on the stage server, and a rank whose group
+breaks turns Failed at once (the scheduler places the group again when a node is lost). A failed
+rank whose node stays up is started again after a backoff, at most RANK_RESTARTS times in a row.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import gc
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +30,24 @@ import mlx.core as mx
 from reconciler.controllers.manager import Controller
 from reconciler.datapath.stage import StageServer
 from reconciler.runtime.model_files import ModelFilesError, local_model_path
+from exo_ctl.api.resources import TensorGroup
 from reconciler.runtime.shard_model import ShardLoadError, ShardModel, open_shard
+from reconciler.runtime.tensor_shard import TensorShard, open_tensor_shard
+from reconciler.server.events import record_event
 from reconciler.store.base import Store, StoreError, StoreUnavailable, make_command
 
 log = logging.getLogger(__name__)
 PROGRESS_STEP = 0.25   # report Loading progress in steps this big (each report is a Raft write)
 DRAIN_SECONDS = 60.0   # a deleted shard serves its requests in flight at most this long
 DRAIN_POLL_SECONDS = 0.25
+RANK_RESTARTS = 5            # restarts of a failed tensor rank in a row before it stays Failed
+RANK_BACKOFF_SECONDS = 1.0   # before the first restart, doubled for each next one
+RANK_BACKOFF_MAX_SECONDS = 30.0
+RANK_HEALTHY_SECONDS = 60.0  # a group up this long starts its restart count again
 
-LoadKey = tuple[str, str | None, int, int, str | None]  # source, revision, start, end, dtype
+LoadKey = tuple[str, str | None, int, int, str | None, str | None]  # source, revision, start, end, dtype, group
 Loader = Callable[..., Awaitable[ShardModel]]
+TensorLoader = Callable[..., Awaitable[TensorShard]]
 
 
 def _release_memory() -> None:
@@ -45,14 +57,21 @@ def _release_memory() -> None:
 
 def load_key(shard: dict[str, Any]) -> LoadKey:
     spec = shard["spec"]
+    tensor = spec.get("tensor")
     return (spec["model"]["source"], spec["model"].get("revision"), spec["layers"]["start"], spec["layers"]["end"],
-            spec["model"].get("dtype"))
+            spec["model"].get("dtype"), json.dumps(tensor, sort_keys=True) if tensor else None)
+
+
+def _serves_requests(shard: dict[str, Any]) -> bool:
+    """Whether the stage server takes requests for it (every shard but tensor ranks above 0)."""
+    return (shard["spec"].get("tensor") or {}).get("rank", 0) == 0
 
 
 @dataclass
 class Loaded:
     key: LoadKey
-    model: ShardModel
+    model: ShardModel | TensorShard
+    since: float = field(default_factory=time.monotonic)
 
 
 class ShardAgent(Controller):
@@ -62,13 +81,16 @@ class ShardAgent(Controller):
 
     def __init__(self, *, store: Store, node_name: str, stage_server: StageServer, data_endpoint: str,
                  loader: Loader = open_shard, metrics: Any = None,
-                 resolve_path: Callable[..., Path] = local_model_path) -> None:
+                 resolve_path: Callable[..., Path] = local_model_path, data_token: str | None = None,
+                 tensor_loader: TensorLoader = open_tensor_shard) -> None:
         self.store, self.node_name = store, node_name
+        self.data_token, self.tensor_loader = data_token, tensor_loader
         self.stage_server, self.data_endpoint = stage_server, data_endpoint
         self.loader, self.metrics, self.resolve_path = loader, metrics, resolve_path
         self.loaded: dict[str, Loaded] = {}
         self.loading: dict[str, tuple[LoadKey, asyncio.Task[None]]] = {}
         self.failed: dict[str, tuple[LoadKey, str]] = {}
+        self.restarts: dict[str, tuple[LoadKey, int, float]] = {}  # tensor ranks: key, restarts, not before
         self.draining: dict[str, asyncio.Task[None]] = {}
         self._reaping: set[asyncio.Task[None]] = set()
 
@@ -90,17 +112,52 @@ class ShardAgent(Controller):
             if name not in mine or load_key(mine[name]) != self.loading[name][0]:
                 self.loading.pop(name)[1].cancel()
         for name in list(self.failed):
-            if name not in mine or load_key(mine[name]) != self.failed[name][0]:
+            if name not in mine or load_key(mine[name]) != self.failed[name][0] or self._restart_due(name):
                 del self.failed[name]
+        for name in list(self.restarts):
+            if name not in mine or load_key(mine[name]) != self.restarts[name][0]:
+                del self.restarts[name]
         for name, shard in mine.items():
             if name in self.loaded:
-                self.stage_server.set_request_limit(name, shard["spec"].get("maxRequests"))
+                if _serves_requests(shard):
+                    self.stage_server.set_request_limit(name, shard["spec"].get("maxRequests"))
+                    self.stage_server.set_batch_limit(name, shard["spec"].get("maxBatchSize"))
                 await self._report(shard, phase="Ready", progress=1.0, bytes_loaded=self.loaded[name].model.nbytes)
             elif name in self.failed:
                 await self._report(shard, phase="Failed", message=self.failed[name][1])
             elif name not in self.loading:
-                task = asyncio.create_task(self._load(name, shard), name=f"load-shard:{name}")
-                self.loading[name] = (load_key(shard), task)
+                self._start(name, shard)
+
+    def _start(self, name: str, shard: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._load(name, shard), name=f"load-shard:{name}")
+        self.loading[name] = (load_key(shard), task)
+
+    def _restart_due(self, name: str) -> bool:
+        failed, restart = self.failed.get(name), self.restarts.get(name)
+        return failed is not None and restart is not None and failed[0] == restart[0] \
+            and time.monotonic() >= restart[2]
+
+    def _plan_restart(self, name: str, key: LoadKey, message: str, *, up_since: float | None = None) -> str:
+        """Record when the failed tensor rank ``name`` is started again; ``message`` plus what happens next."""
+        previous = self.restarts.get(name)
+        count = previous[1] if previous is not None and previous[0] == key else 0
+        if up_since is not None and time.monotonic() - up_since >= RANK_HEALTHY_SECONDS:
+            count = 0
+        if count >= RANK_RESTARTS:
+            self.restarts[name] = (key, count, float("inf"))
+            return f"{message}; gave up after {count} restarts (a change of the Shard's spec tries again)"
+        delay = min(RANK_BACKOFF_MAX_SECONDS, RANK_BACKOFF_SECONDS * 2 ** count)
+        self.restarts[name] = (key, count + 1, time.monotonic() + delay)
+        asyncio.get_running_loop().call_later(delay, self._restart_now, name)
+        return f"{message}; restarting it in {delay:.0f}s (restart {count + 1} of {RANK_RESTARTS})"
+
+    def _restart_now(self, name: str) -> None:
+        """The backoff of ``name`` is over: start it without waiting for the next pass (which would too)."""
+        if self._restart_due(name) and name not in self.loading and name not in self.loaded:
+            shard = self.mine().get(name)
+            if shard is not None and load_key(shard) == self.failed[name][0]:
+                del self.failed[name]
+                self._start(name, shard)
 
     async def _load(self, name: str, shard: dict[str, Any]) -> None:
         key = load_key(shard)
@@ -122,7 +179,12 @@ class ShardAgent(Controller):
             await self._report(shard, phase="Loading", progress=0.0)
             path = await asyncio.to_thread(self.resolve_path, key[0], revision=key[1])
             log.info("loading shard %s: layers %d-%d of %s", name, key[2], key[3] - 1, path)
-            model = await self.loader(path, start=key[2], end=key[3], progress=on_progress, dtype=key[4])
+            record_event(self.store, shard, reason="Loading", component="shard-agent", host=self.node_name,
+                         message=f"loading layers {key[2]}-{key[3] - 1} of {key[0]} on {self.node_name}")
+            if shard["spec"].get("tensor"):
+                model = await self._load_rank(name, key, path, TensorGroup.model_validate(shard["spec"]["tensor"]))
+            else:
+                model = await self.loader(path, start=key[2], end=key[3], progress=on_progress, dtype=key[4])
         except asyncio.CancelledError:
             log.info("shard %s: load cancelled (its thread stops at the next layer)", name)
             raise
@@ -130,7 +192,11 @@ class ShardAgent(Controller):
             expected = isinstance(error, (ModelFilesError, ShardLoadError, OSError, ValueError, RuntimeError))
             message = str(error) if expected else f"{type(error).__name__}: {error}"
             log.warning("shard %s failed to load: %s", name, message, exc_info=not expected)
+            record_event(self.store, shard, reason="LoadFailed", type_="Warning", message=message,
+                         component="shard-agent", host=self.node_name)
             self.loading.pop(name, None)
+            if shard["spec"].get("tensor"):
+                message = self._plan_restart(name, key, message)
             self.failed[name] = (key, message)
             await self._report_latest(name, shard, phase="Failed", message=message)
             return
@@ -138,14 +204,45 @@ class ShardAgent(Controller):
             model.close()
             return
         self.loading.pop(name)
-        self.stage_server.add_shard(name, model, max_requests=(self.store.get(("Shard", "", name)) or shard)["spec"]
-                                    .get("maxRequests"))
+        if _serves_requests(shard):
+            spec = (self.store.get(("Shard", "", name)) or shard)["spec"]
+            self.stage_server.add_shard(name, model, max_requests=spec.get("maxRequests"),
+                                        max_batch_size=spec.get("maxBatchSize"))
         self.loaded[name] = Loaded(key, model)
         seconds = time.monotonic() - started
         log.info("shard %s ready: %.1f MiB in %.2fs", name, model.nbytes / 2**20, seconds)
+        record_event(self.store, shard, reason="Loaded", component="shard-agent", host=self.node_name,
+                     message=f"layers {key[2]}-{key[3] - 1} loaded on {self.node_name}")
         if self.metrics is not None:
             self.metrics.shard_load_seconds.labels(shard["spec"]["deployment"]).observe(seconds)
         await self._report_latest(name, shard, phase="Ready", progress=1.0, bytes_loaded=model.nbytes)
+
+    async def _load_rank(self, name: str, key: LoadKey, path: Path, group: TensorGroup) -> TensorShard:
+        """Start this node's rank of a tensor-parallel stage; its loss marks the shard Failed."""
+        if self.data_token is None:
+            raise ShardLoadError("tensor-parallel shards need the cluster's data-path key, and this node has none")
+        loop = asyncio.get_running_loop()
+
+        def lost(message: str) -> None:  # on the rank's supervisor thread
+            loop.call_soon_threadsafe(self._rank_lost, name, key, message)
+
+        log.info("shard %s: starting tensor rank %d of %d (%s)", name, group.rank, group.size,
+                 ", ".join(p.address for p in group.peers))
+        return await self.tensor_loader(path, start=key[2], end=key[3], dtype=key[4], group=group,
+                                        data_token=self.data_token, on_lost=lost)
+
+    def _rank_lost(self, name: str, key: LoadKey, message: str) -> None:
+        loaded = self.loaded.get(name)
+        if loaded is None or loaded.key != key:
+            return
+        message = self._plan_restart(name, key, f"tensor-parallel group lost: {message or 'a rank ended'}",
+                                     up_since=loaded.since)
+        log.warning("shard %s: %s", name, message)
+        self.unload(name)
+        self.failed[name] = (key, message)
+        shard = self.store.get(("Shard", "", name))
+        if shard is not None:
+            asyncio.ensure_future(self._report(shard, phase="Failed", message=message))
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` now; its thread is joined and its memory freed off the loop."""
@@ -184,6 +281,7 @@ class ShardAgent(Controller):
 
     async def close(self) -> None:
         """Cancel loads and unload everything without waiting for any compute thread."""
+        self.restarts.clear()  # a restart timer still pending finds nothing to do
         for task in [t for _, t in self.loading.values()] + list(self.draining.values()):
             task.cancel()
         await asyncio.gather(*(t for _, t in self.loading.values()), *self.draining.values(),

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from exo_ctl.api.meta import Frozen
-from exo_ctl.api.resources import DEFAULT_NAMESPACE, LayerRange, ModelDeployment, Node, Shard, ShardSpec
+from exo_ctl.api.resources import DEFAULT_NAMESPACE, LayerRange, ModelDeployment, Node, Shard, ShardSpec, TensorGroup
 from reconciler.datapath.pipeline import PREFILL_CHUNK
-from reconciler.models.memory import ServingBudget, reserved_context_length
+from reconciler.models.memory import ServingBudget, compute_scale, reserved_context_length
 from reconciler.models.metadata import ModelProfile
 
 GIB = 1024**3
@@ -36,13 +36,15 @@ class ShardAssignment(Frozen):
     memory_bytes: int = Field(ge=0)  # weights
     kv_cache_bytes: int = Field(default=0, ge=0)
     overhead_bytes: int = Field(default=0, ge=0)  # activations + runtime baseline
+    tensor_rank: int = Field(default=0, ge=0)
+    tensor_nodes: list[str] = Field(default_factory=list, description="the stage's tensor group, in rank order")
 
     @property
     def layers(self) -> LayerRange:
         return LayerRange(start=self.start, end=self.end)
 
-    def to_spec(self, deployment: ModelDeployment) -> ShardSpec:
-        """The ShardSpec the scheduler writes for this stage."""
+    def to_spec(self, deployment: ModelDeployment, *, tensor: TensorGroup | None = None) -> ShardSpec:
+        """The ShardSpec the scheduler writes for this stage (``tensor``: this rank's group)."""
         return ShardSpec(
             deployment=deployment_key(deployment),
             deploymentUid=deployment.metadata.uid,
@@ -58,6 +60,8 @@ class ShardAssignment(Frozen):
             kvCacheBytes=self.kv_cache_bytes,
             overheadBytes=self.overhead_bytes,
             maxRequests=deployment.spec.resources.maxConcurrentRequests,
+            maxBatchSize=deployment.spec.resources.maxBatchSize,
+            tensor=tensor,
         )
 
 
@@ -90,6 +94,11 @@ def node_is_ready(node: Node) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions) and not node.metadata.deletionTimestamp
 
 
+def node_is_schedulable(node: Node) -> bool:
+    """Ready and not cordoned (``spec.unschedulable``): a node new shards may go to."""
+    return node_is_ready(node) and not node.spec.unschedulable
+
+
 def serving_budget(deployment: ModelDeployment, profile: ModelProfile) -> ServingBudget:
     """The context length and concurrency a deployment's stages reserve KV cache for."""
     resources = deployment.spec.resources
@@ -99,7 +108,25 @@ def serving_budget(deployment: ModelDeployment, profile: ModelProfile) -> Servin
 
 
 def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard], profile: ModelProfile) -> PlacementPlan:
-    """Plan every replica of ``deployment``; ``shards`` are all Shards in the cluster."""
+    """Plan every replica of ``deployment``; ``shards`` are all Shards in the cluster. Cordoned
+    nodes get no shards: a layout that uses one is planned again without it."""
+    cordoned = sorted(n.metadata.name for n in nodes if n.spec.unschedulable)
+    schedulable = [n for n in nodes if not n.spec.unschedulable]
+    if deployment.spec.parallelism.tensor > 1:
+        from reconciler.scheduler.tensor_placement import place_tensor_groups
+
+        plan = place_tensor_groups(deployment=deployment, nodes=schedulable, shards=shards, profile=profile)
+    else:
+        plan = place_stages(deployment=deployment, nodes=schedulable, shards=shards, profile=profile)
+    if plan.reason and cordoned:
+        plan = plan.model_copy(update={"reason": f"{plan.reason} ({_count(len(cordoned), 'cordoned node')} "
+                                                 f"left out: {', '.join(cordoned[:_NODES_SHOWN])})"})
+    return plan
+
+
+def place_stages(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard],
+                 profile: ModelProfile) -> PlacementPlan:
+    """``place`` with one node per stage (pipeline only)."""
     spec = deployment.spec
     key = deployment_key(deployment)
     uid = deployment.metadata.uid
@@ -122,8 +149,12 @@ def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard]
     used_by_others: dict[str, int] = {}
     for shard in others:
         used_by_others[shard.spec.nodeName] = used_by_others.get(shard.spec.nodeName, 0) + shard.spec.reserved_bytes
+    # A node serving float files in its own compute dtype holds `scale` bytes per planned byte.
+    scale = {n.metadata.name: compute_scale(profile.dtype, node_dtype=n.status.compute.dtype if n.status else "",
+                                            requested=spec.model.dtype) for n in eligible}
     free = {
-        n.metadata.name: max(0, (n.status.allocatable.memory if n.status else 0) - headroom - used_by_others.get(n.metadata.name, 0))
+        n.metadata.name: int(max(0, (n.status.allocatable.memory if n.status else 0) - headroom
+                                 - used_by_others.get(n.metadata.name, 0)) / scale[n.metadata.name])
         for n in eligible
     }
     current: dict[int, dict[int, Shard]] = {}
@@ -149,8 +180,10 @@ def place(*, deployment: ModelDeployment, nodes: list[Node], shards: list[Shard]
             free[node] -= size + kv + overhead
             taken.add(node)
             assignments.append(ShardAssignment(replica=replica, index=index, stages=len(stages), start=start, end=end,
-                                               total_layers=profile.num_layers, node=node, memory_bytes=size,
-                                               kv_cache_bytes=kv, overhead_bytes=overhead))
+                                               total_layers=profile.num_layers, node=node,
+                                               memory_bytes=int(size * scale[node]),
+                                               kv_cache_bytes=int(kv * scale[node]),
+                                               overhead_bytes=int(overhead * scale[node])))
     unused = _unused_nodes(deployment=deployment, profile=profile, budget=budget, offered=offered,
                            assignments=assignments) if spec.placement.strategy == "Spread" else {}
     return PlacementPlan(assignments=assignments, unused=unused)

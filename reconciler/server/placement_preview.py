@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from exo_ctl.api.resources import ModelDeployment, Node, Shard
 from reconciler.models.catalog import resolve_profile, split_refusal_of
 from reconciler.models.metadata import ModelMetadataError
+from reconciler.runtime.tensor_group import tensor_refusal_of
 from reconciler.scheduler.placement import deployment_key, place
 from reconciler.store.base import Store
 
@@ -26,18 +27,22 @@ def placement_preview(store: Store, obj: dict[str, Any]) -> dict[str, Any]:
     """``{"assignments": [{replica, index, stages, node, layers: {start, end}, memoryBytes, kvCacheBytes,
     overheadBytes}], "problem", "reason"}`` for the (not yet written) deployment ``obj``. ``problem``
     is null when every replica fits, else the Ready condition's reason the scheduler would set
-    (Unschedulable, ModelNotFound, InvalidModelConfig, UnsupportedDtype, UnsplittableModel ...)
-    and ``reason`` says why.
+    (Unschedulable, ModelNotFound, InvalidModelConfig, UnsupportedDtype, UnsplittableModel,
+    TensorParallelUnsupported ...) and ``reason`` says why. A tensor-parallel rank also carries
+    ``tensor: {rank, nodes}``.
     Blocking (reads the model's file headers): call it off the event loop."""
     deployment = ModelDeployment.model_validate(obj)
     model = deployment.spec.model
     try:
         profile = resolve_profile(model.source, dtype=model.dtype, revision=model.revision)
         refusal = split_refusal_of(model.source, revision=model.revision, num_layers=profile.num_layers)
+        unsharded = tensor_refusal_of(model.source, revision=model.revision, ranks=deployment.spec.parallelism.tensor)
     except ModelMetadataError as error:
         return {"assignments": [], "problem": error.reason, "reason": str(error)}
     if refusal:
         return {"assignments": [], "problem": "UnsplittableModel", "reason": refusal}
+    if unsharded:  # the scheduler's condition for it (a real write is refused at apply time)
+        return {"assignments": [], "problem": "TensorParallelUnsupported", "reason": unsharded}
     nodes = [Node.model_validate(n) for n in store.list("Node")[0]]
     key = deployment_key(deployment)
     # The object being previewed replaces whatever it was: its own current shards count as "current".
@@ -48,7 +53,8 @@ def placement_preview(store: Store, obj: dict[str, Any]) -> dict[str, Any]:
         "assignments": [
             {"replica": a.replica, "index": a.index, "stages": a.stages, "node": a.node,
              "layers": {"start": a.start, "end": a.end}, "memoryBytes": a.memory_bytes,
-             "kvCacheBytes": a.kv_cache_bytes, "overheadBytes": a.overhead_bytes}
+             "kvCacheBytes": a.kv_cache_bytes, "overheadBytes": a.overhead_bytes,
+             **({"tensor": {"rank": a.tensor_rank, "nodes": list(a.tensor_nodes)}} if a.tensor_nodes else {})}
             for a in plan.assignments
         ],
         "problem": None if plan.schedulable else "Unschedulable",

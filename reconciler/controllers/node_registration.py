@@ -29,6 +29,7 @@ class NodeIdentity:
     labels: dict[str, str] = field(default_factory=dict)
     memory_override: int | None = None   # --memory: what this node advertises
     version: str = ""
+    compute: dict[str, Any] = field(default_factory=dict)  # NodeCompute: dtype and BLAS measured at start
 
 
 def chip_name() -> str:
@@ -106,6 +107,8 @@ class NodeRegistrar:
         key = ("Node", "", self.identity.name)
         desired = node_object(self.identity)
         live = self.store.get(key)
+        if live is not None and live["spec"].get("unschedulable"):
+            desired["spec"]["unschedulable"] = True  # set by an admin (cordon): the node never clears it
         if live is None:
             try:
                 live = (await self.store.submit(make_command("create", key, body=desired)))["object"]
@@ -122,7 +125,8 @@ class NodeRegistrar:
             # The leader writes conditions/role into the same status: on a conflict, re-read
             # and retry at once, so a new Node does not sit without capacity until next time.
             status = dict(live.get("status") or {})
-            wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version}
+            wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version,
+                      **({"compute": self.identity.compute} if self.identity.compute else {})}
             if wanted == status:
                 return
             try:

@@ -104,5 +104,16 @@ class ServingBudget(Frozen):
         return self.activation_bytes(profile, last=last) + RUNTIME_BASELINE_BYTES
 
 
+def compute_scale(planned_dtype: str, *, node_dtype: str, requested: str | None) -> float:
+    """Bytes a node holds per planned byte. A node whose compute dtype (Node status.compute.dtype,
+    measured at start) is wider than the planned float dtype widens weights, KV cache and
+    activations to it; spec.model.dtype, quantized files and other nodes scale by 1."""
+    from reconciler.models.metadata import FLOAT_DTYPE_BYTES
+
+    if requested or planned_dtype not in FLOAT_DTYPE_BYTES or node_dtype not in FLOAT_DTYPE_BYTES:
+        return 1.0
+    return max(1.0, FLOAT_DTYPE_BYTES[node_dtype] / FLOAT_DTYPE_BYTES[planned_dtype])
+
+
 def _positive(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -27,6 +27,15 @@ def files_dtype(config: dict[str, Any]) -> str | None:
     return f"{int(quantization['bits'])}bit" if mode == "affine" else f"{mode}"
 
 
+def serving_dtype(requested: str | None, *, compute_dtype: str, config: dict[str, Any]) -> str | None:
+    """The dtype a stage loads: spec.model.dtype when set, else float32 for float files on a node
+    that computes fastest in float32 (widening loses nothing); otherwise the files' own dtype. The
+    node's dtype never narrows weights, and quantized files are never converted behind the user's back."""
+    if requested or compute_dtype != "float32" or files_dtype(config) is not None:
+        return requested
+    return compute_dtype
+
+
 def apply_dtype(model: nn.Module, config: dict[str, Any], *, dtype: str | None, model_path: Path) -> dict[str, Any]:
     """Make the (still lazy) ``model`` hold ``dtype``; returns the config that now describes it."""
     if dtype is None:

@@ -46,7 +46,7 @@ class LocalModel:
         eos = set(self._tokenizer.eos_token_ids)
         async with self._turn:
             steps = await self._compute.run(_start_generation, self._model, list(prompt_ids), params,
-                                            max_tokens)
+                                            max_tokens, self._tokenizer._tokenizer)
             try:
                 for _ in range(max_tokens):
                     token = await self._compute.run(next, steps, None)
@@ -59,17 +59,27 @@ class LocalModel:
                 await self._compute.run(steps.close)
 
 
-def _start_generation(model: Any, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
+def _start_generation(model: Any, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                      hf_tokenizer: Any) -> Iterator[int]:
     """On the compute thread: seed (when asked) and set up mlx_lm's generator of token ids."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
+    from reconciler.datapath.grammar import GrammarConstraint
+    from reconciler.datapath.sampling import make_processors, with_logprobs
+
     if params.seed is not None:
         mx.random.seed(params.seed)
-    sampler = make_sampler(temp=params.temperature, top_p=params.top_p)
-    steps = generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler)
-    return (int(token) for token, _logprobs in steps)
+    sampler = make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+    processors = make_processors(params)
+    if params.grammar is not None:
+        processors.append(GrammarConstraint(params.grammar, hf_tokenizer).processor())
+    steps = generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler,
+                          logits_processors=processors)
+    if params.logprobs is None:
+        return (int(token) for token, _logprobs in steps)
+    return (with_logprobs(int(token), logprobs[None], params.logprobs) for token, logprobs in steps)
 
 
 @dataclass

@@ -10,39 +10,52 @@ node's generation slots, or gets a 429 with Retry-After when the queue is full.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
+from reconciler.datapath.sampled import Sampled
+from reconciler.datapath.wire import SEED_RANGE
 from reconciler.inference.backend import InferenceBackend, ModelHandle, NotReady, PipelineError
 from reconciler.inference.text import TextDeltas
 from reconciler.metrics import NodeMetrics
 from reconciler.server.admission import Overloaded, RequestAdmission
 from reconciler.server.bodies import read_body
 from reconciler.server.errors import ApiError
+from reconciler.server.anthropic_api import add_anthropic_routes
+from reconciler.server.ollama_api import add_ollama_routes
 from reconciler.server.openai_errors import OpenAIError
+from reconciler.server.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs, token_logprob
 from reconciler.server.openai_requests import (
     ChatRequest,
     CompletionRequest,
     GenerationOptions,
+    bad_field,
+    bind_sampling,
     completion_budget,
     parse_chat_request,
     refuse_surely_too_long,
     parse_completion_request,
     parse_json_body,
 )
+from reconciler.server.openai_tools import ToolCallSplitter, check_tool_support, template_messages, tool_grammar
 
 CLIENT_GONE = "499"  # the metrics status of a request whose client left (nginx's convention)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Handler = Callable[[web.Request], Any]
+# Writes the response for a request's choices: (response, status for the metrics).
+Answer = Callable[[web.Request, list["_Generation"]], Awaitable[tuple[web.StreamResponse, int | str]]]
 MAX_BODY_BYTES = 1 << 20       # a /v1 request body beyond this is a 413
 DEFAULT_MAX_CONCURRENT = 8     # requests generating at once on this entry node
 DEFAULT_MAX_QUEUED = 32        # requests waiting for a slot; beyond: 429
@@ -60,6 +73,8 @@ def add_openai_routes(app: web.Application, *, backend: InferenceBackend, metric
     app.router.add_get("/v1/models/{model:.+}", _answering_errors(api.get_model))
     app.router.add_post("/v1/chat/completions", _answering_errors(api.chat_completions))
     app.router.add_post("/v1/completions", _answering_errors(api.completions))
+    add_ollama_routes(app, api, clock=clock)
+    add_anthropic_routes(app, api)
 
 
 def _answering_errors(handler: Handler) -> Handler:
@@ -91,19 +106,23 @@ class _Shape:
     def id_prefix(self) -> str:
         return "chatcmpl-" if self.chat else "cmpl-"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
+    def choice(self, text: str, finish_reason: str | None, *, index: int = 0, logprobs: dict | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish_reason}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text or (None if tool_calls else "")}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def delta(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict:
+    def delta(self, text: str | None, finish_reason: str | None, *, first: bool = False, index: int = 0,
+              logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 CHAT, TEXT = _Shape(chat=True), _Shape(chat=False)
@@ -126,18 +145,57 @@ class _Generation:
     the metrics. Iterate ``pieces()`` (and close it to cancel)."""
 
     def __init__(self, *, handle: ModelHandle, prompt_ids: list[int], options: GenerationOptions,
-                 max_tokens: int, observe: "_Observer") -> None:
+                 max_tokens: int, observe: "_Observer", index: int = 0) -> None:
         self.handle, self.prompt_ids, self.options, self.observe = handle, prompt_ids, options, observe
-        self.max_tokens = max_tokens
+        self.max_tokens, self.index = max_tokens, index
+        seed = options.params.seed  # each choice draws its own sequence
+        self.params = options.params if not index or seed is None else options.params.model_copy(
+            update={"seed": (seed + index) % SEED_RANGE})
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_string = False  # ended by one of the request's stop strings
+        self.logprobs: list[TokenLogprob] = []  # one per completion token, when the request asked
+        self._logprobs_taken = 0
+        self._text_offset = 0
+        tools = options.tools
+        self.splitter = ToolCallSplitter(handle.tokenizer, tools) if tools and tools.choice != "none" else None
+        self.tool_calls: list[dict] = []
+
+    def take_logprobs(self, shape: _Shape) -> dict | None:
+        """The log-probabilities of the tokens since the last take, in the shape's form."""
+        if self.options.params.logprobs is None:
+            return None
+        entries = self.logprobs[self._logprobs_taken:]
+        self._logprobs_taken = len(self.logprobs)
+        if shape.chat:
+            return chat_logprobs(entries)
+        taken = completion_logprobs(entries, text_offset=self._text_offset)
+        self._text_offset += sum(len(e.token) for e in entries)
+        return taken
 
     async def pieces(self) -> AsyncIterator[str]:
+        """The content's text pieces; with tools, the calls are cut out into ``tool_calls``."""
+        if self.splitter is None:
+            async with contextlib.aclosing(self._text()) as text:
+                async for piece in text:
+                    yield piece
+            return
+        async with contextlib.aclosing(self._text()) as text:
+            async for piece in text:
+                if shown := self.splitter.push(piece):
+                    yield shown
+        tail, self.tool_calls = self.splitter.finish()
+        if tail:
+            yield tail
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+
+    async def _text(self) -> AsyncIterator[str]:
         tokenizer = self.handle.tokenizer
         eos = set(tokenizer.eos_token_ids)
         text = TextDeltas(tokenizer.detokenizer, stops=self.options.stop)
         self.observe.started(len(self.prompt_ids))
-        tokens = self.handle.generate(self.prompt_ids, self.options.params, max_tokens=self.max_tokens)
+        tokens = self.handle.generate(self.prompt_ids, self.params, max_tokens=self.max_tokens)
         async with contextlib.aclosing(tokens):
             async for token in tokens:
                 self.observe.token()
@@ -145,11 +203,13 @@ class _Generation:
                     self.finish_reason = "stop"
                     break
                 self.completion_tokens += 1
+                if isinstance(token, Sampled):
+                    self.logprobs.append(token_logprob(tokenizer, token))
                 piece = text.push(token)
                 if piece:
                     yield piece
                 if text.stopped:
-                    self.finish_reason = "stop"
+                    self.finish_reason, self.stop_string = "stop", True
                     return
                 if self.completion_tokens >= self.max_tokens:
                     self.finish_reason = "length"
@@ -218,29 +278,48 @@ class OpenAIApi:
         raise _model_not_found(name)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse=parse_chat_request, prompt_ids=_chat_prompt_ids, shape=CHAT,
-                                    prompt_param="messages")
+        return await self.generate(request, parse=parse_chat_request, answer=partial(self._respond, shape=CHAT))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse=parse_completion_request, prompt_ids=_completion_prompt_ids,
-                                    shape=TEXT, prompt_param="prompt")
+        return await self.generate(request, parse=parse_completion_request, answer=partial(self._respond, shape=TEXT))
 
-    async def _generate(self, request: web.Request, *, parse: Callable[[Any], Any],
-                        prompt_ids: Callable[[Any, Any], list[int]], shape: _Shape,
-                        prompt_param: str) -> web.StreamResponse:
-        """Parse, resolve the model, tokenize and check the bounds (each failure counted as a
-        finished request), wait for a slot, then answer streaming or not."""
+    async def generate(self, request: web.Request, *, parse: Callable[[Any], ChatRequest | CompletionRequest],
+                       answer: Answer) -> web.StreamResponse:
+        """Parse the body into a chat or text request, resolve the model, tokenize and check the
+        bounds (each failure counted as a finished request), wait for a slot, then ``answer``
+        with the request's choices (also what the Anthropic and Ollama dialects answer through)."""
         observe = self._observer(None)
         try:
-            parsed = parse(await _read_body(request))
+            parsed = parse(await read_json_body(request))
             observe = self._observer(parsed.options.model)
-            handle = self._resolve(parsed.options.model)
-            ids = prompt_ids(handle, parsed)
+            handle = self.resolve(parsed.options.model)
+            chat = isinstance(parsed, ChatRequest)
+            ids = _chat_prompt_ids(handle, parsed) if chat else _completion_prompt_ids(handle, parsed)
             max_tokens = completion_budget(prompt_tokens=len(ids), options=parsed.options,
-                                           context_length=handle.context_length, prompt_param=prompt_param)
+                                           context_length=handle.context_length,
+                                           prompt_param="messages" if chat else "prompt")
+            params = bind_sampling(parsed.options.params, prompt_ids=ids, vocab_size=len(handle.tokenizer))
+            if chat and parsed.options.tools and parsed.options.tools.forced:
+                if params.grammar is not None:
+                    raise bad_field("tool_choice", "a required tool call cannot also have a response_format",
+                                    show_value=False)
+                params = params.model_copy(update={"grammar": tool_grammar(handle.tokenizer, parsed.options.tools)})
+            if parsed.options.n > self.admission.max_running:
+                raise bad_field("n", f"at most {self.admission.max_running} choices per request on this node",
+                                parsed.options.n)
+            options = dataclasses.replace(parsed.options, params=params)
             async with self._slot(request):
-                return await self._respond(request, handle=handle, prompt_ids=ids, options=parsed.options,
-                                           max_tokens=max_tokens, shape=shape, observe=observe)
+                runs = [_Generation(handle=handle, prompt_ids=ids, options=options, max_tokens=max_tokens,
+                                    observe=observe, index=index) for index in range(options.n)]
+                status: int | str = CLIENT_GONE
+                try:
+                    response, status = await answer(request, runs)
+                    return response
+                except OpenAIError as error:
+                    status = error.status
+                    raise
+                finally:
+                    observe.finished(status, completion_tokens=sum(run.completion_tokens for run in runs))
         except OpenAIError as error:
             observe.finished(error.status)  # a no-op when the response already counted it
             raise
@@ -262,7 +341,7 @@ class OpenAIApi:
         label = next((card.name for card in self.backend.models() if model and card.answers_to(model)), "")
         return _Observer(self.metrics, model=label, monotonic=self.monotonic)
 
-    def _resolve(self, model: str) -> ModelHandle:
+    def resolve(self, model: str) -> ModelHandle:
         try:
             return self.backend.resolve(model)
         except KeyError:
@@ -270,46 +349,73 @@ class OpenAIApi:
         except NotReady as error:
             raise _not_ready(error) from None
 
-    async def _respond(self, request: web.Request, *, handle: ModelHandle, prompt_ids: list[int],
-                       options: GenerationOptions, max_tokens: int, shape: _Shape,
-                       observe: _Observer) -> web.StreamResponse:
-        run = _Generation(handle=handle, prompt_ids=prompt_ids, options=options, max_tokens=max_tokens,
-                          observe=observe)
-        head = {"id": shape.id_prefix + secrets.token_hex(12), "created": int(self.clock()), "model": options.model}
-        status: int | str = CLIENT_GONE
-        try:
-            if options.stream:
-                response, status = await _stream(request, run=run, head=head, shape=shape)
-                return response
-            response = await _complete(request, run=run, head=head, shape=shape)
-            status = response.status if not _client_gone(request) else CLIENT_GONE
-            return response
-        except OpenAIError as error:
-            status = error.status
-            raise
-        finally:
-            observe.finished(status, completion_tokens=run.completion_tokens)
+    async def _respond(self, request: web.Request, runs: list[_Generation], *,
+                       shape: _Shape) -> tuple[web.StreamResponse, int | str]:
+        head = {"id": shape.id_prefix + secrets.token_hex(12), "created": int(self.clock()),
+                "model": runs[0].options.model}
+        if runs[0].options.stream:
+            return await _stream(request, runs=runs, head=head, shape=shape)
+        response = await _complete(request, runs=runs, head=head, shape=shape)
+        return response, response.status if not client_gone(request) else CLIENT_GONE
 
 
-async def _complete(request: web.Request, *, run: _Generation, head: dict, shape: _Shape) -> web.Response:
-    pieces: list[str] = []
-    try:
-        async with contextlib.aclosing(run.pieces()) as stream:
+async def all_pieces(runs: list[_Generation]) -> AsyncIterator[tuple[_Generation, str]]:
+    """Every choice's text pieces as they come: one choice is its own stream; n choices generate
+    concurrently (one task each), and a failure of one ends them all."""
+    if len(runs) == 1:
+        async with contextlib.aclosing(runs[0].pieces()) as stream:
             async for piece in stream:
-                pieces.append(piece)
-                if _client_gone(request):
+                yield runs[0], piece
+        return
+    queue: asyncio.Queue[tuple[_Generation, str | None | Exception]] = asyncio.Queue()
+
+    async def pump(run: _Generation) -> None:
+        try:
+            async with contextlib.aclosing(run.pieces()) as stream:
+                async for piece in stream:
+                    queue.put_nowait((run, piece))
+            queue.put_nowait((run, None))
+        except (PipelineError, NotReady) as failure:
+            queue.put_nowait((run, failure))
+
+    tasks = [asyncio.create_task(pump(run), name=f"openai-choice-{run.index}") for run in runs]
+    try:
+        ongoing = len(runs)
+        while ongoing:
+            run, piece = await queue.get()
+            if isinstance(piece, Exception):
+                raise piece
+            if piece is None:
+                ongoing -= 1
+            else:
+                yield run, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _complete(request: web.Request, *, runs: list[_Generation], head: dict, shape: _Shape) -> web.Response:
+    pieces: dict[int, list[str]] = {run.index: [] for run in runs}
+    try:
+        async with contextlib.aclosing(all_pieces(runs)) as stream:
+            async for run, piece in stream:
+                pieces[run.index].append(piece)
+                if client_gone(request):
                     return web.Response(status=499)  # nobody reads it; generation is cancelled
     except (PipelineError, NotReady) as failure:
-        raise _generation_failed(failure) from None
-    body = {**head, "object": shape.object, "choices": [shape.choice("".join(pieces), run.finish_reason)],
-            "usage": usage(len(run.prompt_ids), run.completion_tokens)}
+        raise generation_failed(failure) from None
+    choices = [shape.choice("".join(pieces[run.index]), run.finish_reason, index=run.index,
+                            logprobs=run.take_logprobs(shape), tool_calls=run.tool_calls) for run in runs]
+    body = {**head, "object": shape.object, "choices": choices,
+            "usage": usage(len(runs[0].prompt_ids), sum(run.completion_tokens for run in runs))}
     return web.json_response(body, dumps=lambda data: json.dumps(data, ensure_ascii=False))
 
 
-async def _stream(request: web.Request, *, run: _Generation, head: dict,
+async def _stream(request: web.Request, *, runs: list[_Generation], head: dict,
                   shape: _Shape) -> tuple[web.StreamResponse, int | str]:
     response = web.StreamResponse(headers=SSE_HEADERS)
-    include_usage = run.options.include_usage
+    include_usage = runs[0].options.include_usage
 
     def chunk(choice: dict | None) -> bytes:
         data = {**head, "object": shape.chunk_object, "choices": [choice] if choice else []}
@@ -320,20 +426,29 @@ async def _stream(request: web.Request, *, run: _Generation, head: dict,
     try:
         await response.prepare(request)
         if shape.chat:
-            await response.write(chunk(shape.delta(None, None, first=True)))
+            for run in runs:
+                await response.write(chunk(shape.delta(None, None, first=True, index=run.index)))
         try:
-            async with contextlib.aclosing(run.pieces()) as stream:
-                async for piece in stream:
-                    await response.write(chunk(shape.delta(piece, None)))
+            async with contextlib.aclosing(all_pieces(runs)) as stream:
+                async for run, piece in stream:
+                    await response.write(chunk(shape.delta(piece, None, index=run.index,
+                                                           logprobs=run.take_logprobs(shape))))
         except (PipelineError, NotReady) as failure:
-            error = _generation_failed(failure)
+            error = generation_failed(failure)
             await response.write(sse(error.body()))
             await response.write_eof()
             return response, error.status
-        await response.write(chunk(shape.delta(None, run.finish_reason)))
+        for run in runs:
+            if run.tool_calls:
+                calls = [{"index": i, **call} for i, call in enumerate(run.tool_calls)]
+                await response.write(chunk({"index": run.index, "delta": {"tool_calls": calls}, "logprobs": None,
+                                            "finish_reason": None}))
+            await response.write(chunk(shape.delta(None, run.finish_reason, index=run.index,
+                                                   logprobs=run.take_logprobs(shape))))
         if include_usage:
+            completion_tokens = sum(run.completion_tokens for run in runs)
             await response.write(sse({**head, "object": shape.chunk_object, "choices": [],
-                                      "usage": usage(len(run.prompt_ids), run.completion_tokens)}))
+                                      "usage": usage(len(runs[0].prompt_ids), completion_tokens)}))
         await response.write(sse("[DONE]"))
         await response.write_eof()
     except ConnectionResetError:  # the client left: the generation was closed on the way out
@@ -341,7 +456,7 @@ async def _stream(request: web.Request, *, run: _Generation, head: dict,
     return response, 200
 
 
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
@@ -350,8 +465,13 @@ def _client_gone(request: web.Request) -> bool:
 
 def _chat_prompt_ids(handle: ModelHandle, chat: ChatRequest) -> list[int]:
     _refuse_surely_too_long(handle, chat.options, sum(len(m["content"]) for m in chat.messages), param="messages")
+    tools = chat.options.tools
+    if tools:
+        check_tool_support(handle.tokenizer, model=chat.options.model, tools=tools)
+    extra = {"tools": list(tools.tools)} if tools else {}
     try:
-        ids = handle.tokenizer.apply_chat_template(list(chat.messages), add_generation_prompt=True)
+        ids = handle.tokenizer.apply_chat_template(template_messages(chat.messages), add_generation_prompt=True,
+                                                   **extra)
     except Exception as error:  # jinja's or the tokenizer's complaint about these messages
         raise OpenAIError(400, f"messages: the model's chat template rejected them: {error}", param="messages",
                           code="invalid_value") from None
@@ -397,7 +517,7 @@ def _checked_ids(ids: list[int], *, param: str) -> list[int]:
     return ids
 
 
-async def _read_body(request: web.Request) -> dict[str, Any]:
+async def read_json_body(request: web.Request) -> dict[str, Any]:
     """The body as JSON, at most ``MAX_BODY_BYTES`` (413 beyond, told by Content-Length or counted)."""
     try:
         raw = await read_body(request, limit=MAX_BODY_BYTES)
@@ -419,7 +539,7 @@ def _not_ready(error: NotReady) -> OpenAIError:
                        headers={"Retry-After": str(retry_after)})
 
 
-def _generation_failed(failure: PipelineError | NotReady) -> OpenAIError:
+def generation_failed(failure: PipelineError | NotReady) -> OpenAIError:
     if isinstance(failure, NotReady):
         return _not_ready(failure)
     return OpenAIError(502, f"generation failed: {failure.message}", code="pipeline_error")

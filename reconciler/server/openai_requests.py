@@ -2,7 +2,7 @@
 
 Every problem is a 400 ``OpenAIError`` that names the field (``param``). Fields that this server
 does not know are ignored, as OpenAI clients send many; fields whose non-default values it
-cannot honour (n > 1, logprobs, tools, ...) are refused rather than silently dropped. Sampling
+cannot honour (tools, audio, ...) are refused rather than silently dropped. Sampling
 fields are checked by the data path's own ``SamplingParams``, so what passes here runs there.
 
 ``max_tokens`` is checked against the model's context length once the prompt is tokenized
@@ -12,19 +12,26 @@ fields are checked by the data path's own ``SamplingParams``, so what passes her
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from reconciler.datapath.grammar import GrammarError, json_grammar
+from reconciler.datapath.wire import MAX_GRAMMAR_CHARS, MAX_TOP_LOGPROBS, PENALTY_WINDOW
 from reconciler.inference.backend import SamplingParams
 from reconciler.server.openai_errors import OpenAIError
+from reconciler.server.openai_tools import ToolRequest, parse_tools
 
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = (1 << 31) - 1   # beyond any context; the real bound is the model's context length
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-SAMPLING_FIELDS = ("temperature", "top_p", "seed")
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "logit_bias")
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # n per request (and at most the node's generation slots)
+MAX_COMPLETION_LOGPROBS = 5  # the completions API's logprobs (OpenAI's bound)
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -37,12 +44,14 @@ class GenerationOptions:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    n: int = 1                 # choices, generated concurrently
+    tools: ToolRequest | None = None  # the chat request's tools (see openai_tools)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     options: GenerationOptions
-    messages: tuple[dict[str, str], ...]   # {"role", "content"} with text content
+    messages: tuple[dict[str, Any], ...]   # {"role", "content"} with text content (and tool calls)
 
 
 @dataclass(frozen=True)
@@ -67,33 +76,68 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
-    _refuse_unsupported(body, {"logprobs": (None, False), "top_logprobs": (None, 0),
-                               "tools": (None, []), "functions": (None, []), "audio": (None,)})
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad_field("response_format", 'only {"type": "text"} is supported', response_format)
-    return ChatRequest(options=_options(body, max_tokens_fields=("max_completion_tokens", "max_tokens")),
-                       messages=_messages(body))
+    _refuse_unsupported(body, {"functions": (None, []), "audio": (None,)})
+    options = _options(body, max_tokens_fields=("max_completion_tokens", "max_tokens"),
+                       logprobs=_chat_logprobs(body))
+    options = replace(options, tools=parse_tools(body))
+    grammar = response_grammar(body.get("response_format"))
+    if grammar is not None:
+        options = replace(options, params=options.params.model_copy(update={"grammar": grammar}))
+    return ChatRequest(options=options, messages=_messages(body))
+
+
+def response_grammar(response_format: Any) -> str | None:
+    """The llguidance grammar ``response_format`` asks for: None for text, any JSON object for
+    json_object, the schema's JSON for json_schema (strict or not: decoding is always constrained)."""
+    if response_format is None:
+        return None
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(response_format, dict) or response_format.get("type") not in kinds:
+        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+        raise bad_field("response_format.type", f"must be one of {', '.join(kinds)}", kind)
+    if response_format["type"] == "text":
+        return None
+    schema, param = None, "response_format"
+    if response_format["type"] == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad_field("response_format.json_schema", "must be an object with a schema object", spec)
+        schema, param = spec.get("schema", {}), "response_format.json_schema.schema"
+    try:
+        grammar = json_grammar(schema)
+    except GrammarError as error:
+        raise bad_field(param, f"cannot be decoded to: {error}", show_value=False) from None
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise bad_field(param, f"compiles to {len(grammar)} characters, at most {MAX_GRAMMAR_CHARS}", show_value=False)
+    return grammar
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    _refuse_unsupported(body, {"logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
-                               "suffix": (None, "")})
-    return CompletionRequest(options=_options(body, max_tokens_fields=("max_tokens",)), prompt=_prompt(body))
+    _refuse_unsupported(body, {"best_of": (None, 1), "echo": (None, False), "suffix": (None, "")})
+    logprobs = _integer(body, "logprobs", default=None, minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
+    return CompletionRequest(options=_options(body, max_tokens_fields=("max_tokens",), logprobs=logprobs),
+                             prompt=_prompt(body))
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no logprobs)."""
+    wanted = _boolean(body, "logprobs", default=False)
+    top = _integer(body, "top_logprobs", default=None, minimum=0, maximum=MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad_field("top_logprobs", "only allowed when logprobs is true", top)
+    return (top or 0) if wanted else None
 
 
 # --- shared options ----------------------------------------------------------------------------
 
-def _options(body: dict[str, Any], *, max_tokens_fields: tuple[str, ...]) -> GenerationOptions:
+def _options(body: dict[str, Any], *, max_tokens_fields: tuple[str, ...], logprobs: int | None) -> GenerationOptions:
     model = body.get("model")
     if model is None:
         raise OpenAIError(400, "model: required (the deployment name or its served name)", param="model",
                           code="missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise bad_field("model", "must be a non-empty string", model)
-    n = _integer(body, "n", default=1, minimum=1)
-    if n != 1:
-        raise bad_field("n", "only 1 choice per request is supported", n)
+    n = _integer(body, "n", default=1, minimum=1, maximum=MAX_CHOICES)
     stream = _boolean(body, "stream", default=False)
     stream_options = body.get("stream_options")
     include_usage = False
@@ -105,9 +149,10 @@ def _options(body: dict[str, Any], *, max_tokens_fields: tuple[str, ...]) -> Gen
         include_usage = _boolean(stream_options, "include_usage", default=False, path="stream_options.")
     max_tokens_field = next((f for f in max_tokens_fields if body.get(f) is not None), max_tokens_fields[-1])
     max_tokens = _integer(body, max_tokens_field, default=None, minimum=1, maximum=MAX_TOKENS_LIMIT)
-    return GenerationOptions(model=model, params=sampling_params(body), max_tokens=max_tokens,
+    params = sampling_params(body).model_copy(update={"logprobs": logprobs})
+    return GenerationOptions(model=model, params=params, max_tokens=max_tokens,
                              max_tokens_field=max_tokens_field, stop=_stops(body), stream=stream,
-                             include_usage=include_usage)
+                             include_usage=include_usage, n=n)
 
 
 def sampling_params(body: dict[str, Any]) -> SamplingParams:
@@ -121,12 +166,27 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
         raise validation_failed(error, fields) from None
 
 
+def bind_sampling(params: SamplingParams, *, prompt_ids: list[int], vocab_size: int) -> SamplingParams:
+    """The request's sampling once its prompt is known: logit_bias ids checked against the
+    vocabulary, the prompt's tail for the penalties, and a top_k that keeps every token dropped."""
+    update: dict[str, Any] = {}
+    too_big = [token for token in params.logit_bias if int(token) >= vocab_size]
+    if too_big:
+        raise bad_field("logit_bias", f"token ids must be below the vocabulary size {vocab_size}", too_big[0])
+    if any(getattr(params, penalty) for penalty in PENALTIES):
+        update["prompt_tail"] = prompt_ids[-PENALTY_WINDOW:]
+    if params.top_k >= vocab_size:
+        update["top_k"] = 0
+    return params.model_copy(update=update) if update else params
+
+
 def validation_failed(error: ValidationError, fields: dict[str, Any]) -> OpenAIError:
     """The first problem of a SamplingParams ValidationError as a 400 naming the field, worded
     from the field's own bounds ("must be a number from 0 to 2")."""
     first = error.errors(include_url=False)[0]
     param = ".".join(str(part) for part in first["loc"]) or "body"
-    rule = _field_rule(param) or first["msg"][:1].lower() + first["msg"][1:]
+    message = first["msg"].removeprefix("Value error, ")
+    rule = _field_rule(param) or message[:1].lower() + message[1:]
     return bad_field(param, rule, fields.get(param), show_value=param in fields)
 
 
@@ -137,10 +197,14 @@ def _field_rule(name: str) -> str | None:
     bounds = {key: getattr(bound, key) for bound in info.metadata for key in ("ge", "gt", "le", "lt")
               if hasattr(bound, key)}
     integer = "int" in str(info.annotation)
+    if not bounds:
+        return None
     low = bounds.get("ge", bounds.get("gt"))
     high = bounds.get("le", bounds["lt"] - 1 if integer and "lt" in bounds else bounds.get("lt"))
     if integer:
         return f"must be an integer from {low} to {high}"
+    if "gt" in bounds:
+        return f"must be a number above {low:g} and at most {high:g}"
     return f"must be a number from {low:g} to {high:g}"
 
 
@@ -223,7 +287,22 @@ def _message(message: Any, path: str) -> dict[str, str]:
         content = "".join(_text_part(part, f"{path}.content[{j}]") for j, part in enumerate(content))
     if not isinstance(content, str):
         raise bad_field(f"{path}.content", "must be a string or a list of text parts", content)
-    return {"role": role, "content": content}
+    checked: dict[str, Any] = {"role": role, "content": content}
+    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+        checked["tool_call_id"] = message["tool_call_id"]
+    if role == "assistant" and message.get("tool_calls"):
+        checked["tool_calls"] = _tool_calls(message["tool_calls"], f"{path}.tool_calls")
+    return checked
+
+
+def _tool_calls(calls: Any, path: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise bad_field(path, "must be a list of tool calls", calls)
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_field(f"{path}[{index}].function", "must be an object with a name and arguments", call)
+    return calls
 
 
 def _text_part(part: Any, path: str) -> str:

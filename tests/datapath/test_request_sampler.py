@@ -2,7 +2,7 @@
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from reconciler.datapath.stage import RequestSampler
+from reconciler.datapath.sampling import RequestSampler
 from reconciler.datapath.wire import SamplingParams
 
 

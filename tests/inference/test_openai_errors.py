@@ -38,7 +38,7 @@ def chat(**fields) -> dict:
     (chat(max_tokens=0), "max_tokens", ">= 1"),
     (chat(max_tokens="ten"), "max_tokens", "integer"),
     (chat(max_completion_tokens=True), "max_completion_tokens", "integer"),
-    (chat(n=2), "n", "only 1"),
+    (chat(n=9), "n", "from 1 to 8"),
     (chat(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
     (chat(stop=3), "stop", "string or a list"),
     (chat(stop=[""]), "stop", "not be empty"),
@@ -46,9 +46,13 @@ def chat(**fields) -> dict:
     (chat(stream_options={"include_usage": True}), "stream_options", "stream is true"),
     (chat(stream=True, stream_options={"include_usage": "y"}), "stream_options.include_usage", "true or false"),
     (chat(seed="x"), "seed", "integer"),
-    (chat(logprobs=True), "logprobs", "not supported"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "not supported"),
-    (chat(response_format={"type": "json_object"}), "response_format", "text"),
+    (chat(logprobs="yes"), "logprobs", "true or false"),
+    (chat(top_logprobs=2), "top_logprobs", "logprobs is true"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs", "from 0 to 20"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "no tool-call format"),
+    (chat(response_format={"type": "yaml"}), "response_format.type", "json_schema"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object", "required": 3}}}),
+     "response_format.json_schema.schema", "cannot be decoded"),
 ])
 async def test_a_bad_chat_request_is_a_400_naming_the_field(client, body, param, words):
     error = await openai_error(await client.post(CHAT, headers=AUTH, json=body), 400)

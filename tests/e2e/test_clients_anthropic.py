@@ -1,0 +1,53 @@
+"""The official ``anthropic`` client against a real ``exo`` node: messages, streamed and not,
+stop reasons, and tools refused with an Anthropic-shaped 400."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import pytest
+
+from harness.cluster import start_cluster
+from harness.serving import apply, wait_nodes_ready, wait_serving
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    from exo_ctl.model_builder.build_model import build_model
+
+    cluster = start_cluster(1, tmp_path_factory.mktemp("clients-anthropic"))
+    try:
+        wait_nodes_ready(cluster, 1)
+        apply(cluster.nodes[0], "tiny", Path(build_model("tiny")), strategy="Pack")
+        wait_serving(cluster.nodes[0], "tiny", stages=1)
+        node = cluster.nodes[0]
+        yield anthropic.Anthropic(base_url=node.api_url, auth_token=node.secret, api_key=None, max_retries=0,
+                                  http_client=anthropic.DefaultHttpxClient(trust_env=False, timeout=60))
+    finally:
+        cluster.close()
+        print(cluster.logs())
+
+
+def test_a_message_and_its_stream_carry_the_same_text(client):
+    fields = {"model": "tiny", "max_tokens": 10, "messages": MESSAGES, "system": "Be brief.",
+              "extra_body": {"temperature": 0}}
+    message = client.messages.create(**fields)
+    assert message.role == "assistant" and message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 10 and message.usage.input_tokens > 0
+    with client.messages.stream(**fields) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == message.content[0].text == final.content[0].text
+    assert final.stop_reason == "max_tokens"
+
+
+def test_tools_are_refused_with_an_anthropic_error(client):
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="tiny", max_tokens=5, messages=MESSAGES,
+                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "tools" in refused.value.body["error"]["message"]

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 GROUP = "exo.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# Who wrote an object last: "token ID (role); user agent", stamped by the server on every write.
+LAST_WRITER_ANNOTATION = f"{GROUP}/last-applied-by"
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -40,6 +42,17 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+class ManagedFieldsEntry(Frozen):
+    """Which fields one manager owns (server-side apply), in Kubernetes' FieldsV1 form."""
+    manager: str
+    operation: Literal["Apply", "Update"]
+    apiVersion: str
+    time: str
+    fieldsType: Literal["FieldsV1"] = "FieldsV1"
+    fieldsV1: dict = Field(default_factory=dict)
+    subresource: str | None = None
+
+
 class ObjectMeta(Frozen):
     name: str
     namespace: str | None = None
@@ -51,6 +64,7 @@ class ObjectMeta(Frozen):
     generation: int | None = None
     creationTimestamp: str | None = None
     deletionTimestamp: str | None = None
+    managedFields: list[ManagedFieldsEntry] | None = None
 
     @field_validator("name")
     @classmethod

@@ -9,9 +9,18 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic.json_schema import models_json_schema
+
 from exo_ctl.api.resources import KINDS
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "manifests" / "schema"
+
+
+def kind_schemas() -> dict[str, dict]:
+    """Every kind and its parts as named JSON Schemas (refs ``#/$defs/NAME``): the one source of
+    manifests/schema/ and of the API's OpenAPI documents."""
+    _, defs = models_json_schema([(info.model, "validation") for info in KINDS.values()])
+    return dict(defs.get("$defs", {}))
 
 
 def schema_documents() -> dict[str, str]:

@@ -84,7 +84,7 @@ def resolve_kind(obj: Any) -> KindInfo:
     return info
 
 
-SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp")
+SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "managedFields")
 
 
 def normalize(obj: Any, *, keep_server_fields: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from exo_ctl.api.selectors import SelectorError, parse_selector
 from exo_ctl.cli import printers
 from exo_ctl.cli.common import CliError, Context, UsageError, call
 from exo_ctl.cli.plan import placement_from_headers, render_placement
-from exo_ctl.client import ApiError
+from exo_ctl.client import HttpError
 from exo_ctl.manifests import Manifest, ManifestError, load_manifests
 
 DRY_RUN_SUFFIX = {"none": "", "client": " (dry run)", "server": " (server dry run)"}
@@ -92,7 +92,7 @@ def client_apply_action(live: Mapping[str, Any] | None, manifest: Mapping[str, A
 def _get_or_none(ctx: Context, manifest: Manifest) -> dict[str, Any] | None:
     try:
         return ctx.client.get(manifest.info, manifest.name, namespace=manifest.namespace)
-    except ApiError as error:
+    except HttpError as error:
         if error.code == 404:
             return None
         raise
@@ -155,10 +155,10 @@ def prune_scope(manifests: list[Manifest], default_namespace: str) -> list[tuple
 
 
 def prune_candidates(live: list[dict[str, Any]], applied: set[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """Objects that an earlier apply created (they carry the last-applied annotation) and that
-    the manifests no longer contain."""
+    """Objects that an earlier apply created (they carry exoctl's or kubectl's last-applied
+    annotation, so one GitOps folder can be applied by either) and that the manifests no longer contain."""
     return [obj for obj in live
-            if printers.LAST_APPLIED in ((obj.get("metadata") or {}).get("annotations") or {})
+            if {printers.LAST_APPLIED, printers.KUBECTL_LAST_APPLIED} & set((obj.get("metadata") or {}).get("annotations") or {})
             and object_key(obj) not in applied]
 
 
@@ -173,7 +173,7 @@ def prune(ctx: Context, manifests: list[Manifest], *, selector: str, dry_run: st
                 try:
                     ctx.client.delete(info, name, namespace=namespace, dry_run=dry_run == "server",
                                       uid=obj["metadata"].get("uid"))
-                except ApiError as error:
+                except HttpError as error:
                     if error.code == 404:
                         continue
                     raise
@@ -190,6 +190,7 @@ def comparable(obj: Mapping[str, Any] | None) -> str:
     clean = json.loads(json.dumps(obj))
     meta = clean.get("metadata") or {}
     meta.pop("resourceVersion", None)
+    meta.pop("managedFields", None)  # changes on every write, as kubectl diff leaves it out
     annotations = meta.get("annotations") or {}
     annotations.pop(printers.LAST_APPLIED, None)
     if not annotations:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from exo_ctl.api.resources import DEFAULT_NAMESPACE, KINDS, KindInfo, kind_for
-from exo_ctl.client import ApiError, Client, ClientConfig
+from exo_ctl.client import HttpError, Client, ClientConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -138,11 +138,12 @@ def not_found(info: KindInfo, name: str) -> CliError:
     return CliError(f'Error from server (NotFound): {info.plural}.exo.dev "{name}" not found', raw=True)
 
 
-def server_error(error: ApiError, *, info: KindInfo | None = None, name: str | None = None,
+def server_error(error: HttpError, *, info: KindInfo | None = None, name: str | None = None,
                  where: str | None = None) -> CliError:
     """kubectl's ``Error from server (Reason): message`` line, with causes and the manifest place."""
     if error.code == 401:
-        return CliError("unauthorized — the API rejected the token; set --token or EXOCTL_TOKEN to the cluster secret")
+        return CliError("unauthorized — the API rejected the token; set --token or EXOCTL_TOKEN to a role token "
+                        f"(exoctl token create): {error.message}")
     if error.code == 404 and info is not None and name is not None:
         return not_found(info, name)
     prefix = f"{where}: " if where else ""
@@ -156,8 +157,8 @@ def server_error(error: ApiError, *, info: KindInfo | None = None, name: str | N
 
 def call(ctx: Context, action: Callable[[], Any], *, info: KindInfo | None = None, name: str | None = None,
          where: str | None = None) -> Any:
-    """Run one API call, turning ApiError into a CliError line."""
+    """Run one API call, turning HttpError into a CliError line."""
     try:
         return action()
-    except ApiError as error:
+    except HttpError as error:
         raise server_error(error, info=info, name=name, where=where) from None

@@ -8,7 +8,7 @@ from exo_ctl.api.resources import KindInfo
 from exo_ctl.cli.apply import DRY_RUN_SUFFIX, add_file_arguments, load
 from exo_ctl.cli.common import CliError, Context, UsageError, not_found, parse_duration, resolve_targets, server_error
 from exo_ctl.cli.wait import wait_for_object
-from exo_ctl.client import ApiError
+from exo_ctl.client import HttpError
 
 DEFAULT_TIMEOUT = "60s"
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 obj = ctx.client.get(info, name, namespace=namespace)
             else:
                 obj = ctx.client.delete(info, name, namespace=namespace, dry_run=args.dry_run == "server")
-        except ApiError as error:
+        except HttpError as error:
             if error.code == 404 and args.ignore_not_found:
                 continue
             failed = True

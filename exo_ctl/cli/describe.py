@@ -5,7 +5,7 @@ import argparse
 import re
 from typing import Any
 
-from exo_ctl.api.meta import format_bytes
+from exo_ctl.api.meta import LAST_WRITER_ANNOTATION, format_bytes
 from exo_ctl.cli import printers
 from exo_ctl.cli.common import Context, call, object_namespace, resolve_targets
 
@@ -71,16 +71,35 @@ def _table(rows: list[list[str]], depth: int = 1) -> list[str]:
     return [INDENT * depth + line for line in printers.format_table(rows[0], rows[1:])]
 
 
-def describe(obj: dict[str, Any], *, now: float) -> str:
-    """The whole description of one object."""
+def event_lines(events: list[dict[str, Any]], *, now: float) -> list[str]:
+    """kubectl's Events table: AGE is when last seen, with ``(xN over AGE)`` for repeats."""
+    if not events:
+        return [f"Events:  {printers.NONE}"]
+    rows = [["Type", "Reason", "Age", "From", "Message"], ["----", "------", "----", "----", "-------"]]
+    for event in events:
+        last = printers.short_duration(now - (printers.parse_timestamp(event.get("lastTimestamp")) or now))
+        if int(event.get("count") or 1) > 1:
+            first = printers.short_duration(now - (printers.parse_timestamp(event.get("firstTimestamp")) or now))
+            last += f" (x{event['count']} over {first})"
+        rows.append([_scalar(event.get("type")), _scalar(event.get("reason")), last,
+                     _scalar((event.get("source") or {}).get("component")), _scalar(event.get("message"))])
+    return ["Events:", *_table(rows)]
+
+
+def describe(obj: dict[str, Any], *, now: float, events: list[dict[str, Any]] | None = None) -> str:
+    """The whole description of one object, with its recent events (None: not fetched)."""
     meta = obj.get("metadata") or {}
-    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != printers.LAST_APPLIED}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k not in (printers.LAST_APPLIED, LAST_WRITER_ANNOTATION)}
     width = 14
     lines = [f"{'Name:':<{width}}{meta.get('name')}"]
     if meta.get("namespace"):
         lines.append(f"{'Namespace:':<{width}}{meta['namespace']}")
     lines += _mapping_lines("Labels", meta.get("labels") or {}, width)
     lines += _mapping_lines("Annotations", annotations, width)
+    writer = (meta.get("annotations") or {}).get(LAST_WRITER_ANNOTATION)
+    if writer:
+        lines.append(f"{'Last Writer:':<{width}}{writer}")
     lines += [f"{'API Version:':<{width}}{obj.get('apiVersion')}", f"{'Kind:':<{width}}{obj.get('kind')}"]
     lines.append("Metadata:")
     for key in ("creationTimestamp", "deletionTimestamp", "generation", "resourceVersion", "uid"):
@@ -106,6 +125,8 @@ def describe(obj: dict[str, Any], *, now: float) -> str:
         rows += [[_scalar(c.get(k)) for k in ("type", "status", "reason", "message", "lastTransitionTime")]
                  for c in conditions]
         lines += _table(rows)
+    if events is not None:
+        lines += event_lines(events, now=now)
     return "\n".join(lines)
 
 
@@ -122,5 +143,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if not objects:
         ctx.err(f"No resources found in {ctx.namespace} namespace." if targets[0][0].namespaced else "No resources found")
         return 0
-    ctx.out("\n\n".join(describe(obj, now=ctx.clock()) for obj in objects))
+    ctx.out("\n\n".join(describe(obj, now=ctx.clock(), events=call(ctx, lambda o=obj: ctx.client.events_for(o)))
+                          for obj in objects))
     return 0

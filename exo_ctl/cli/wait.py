@@ -9,7 +9,7 @@ from typing import Any
 from exo_ctl.api.resources import KindInfo
 from exo_ctl.cli import printers
 from exo_ctl.cli.common import CliError, Context, UsageError, call, not_found, parse_duration, resolve_targets
-from exo_ctl.client import ApiError
+from exo_ctl.client import HttpError
 
 DEFAULT_TIMEOUT = "30s"
 
@@ -111,7 +111,7 @@ def wait_for_object(ctx: Context, info: KindInfo, name: str, *, namespace: str |
                     return False
         except TimeoutError:
             return False
-        except ApiError as error:
+        except HttpError as error:
             if error.code != 410:
                 raise
         if ctx.monotonic() >= deadline:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.controllers.manager import Controller
+from reconciler.server.events import record_event
 from reconciler.store.base import Store, StoreError, make_command, utcnow_iso
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,9 @@ class NodeLifecycleController(Controller):
                 status["role"] = action.role
             else:
                 log.info("node %s: Ready=%s (%s)", action.node, action.status, action.message)
+                if action.status != "True":
+                    record_event(self.store, node, reason="NodeNotReady", type_="Warning", message=action.message,
+                                 component="node-lifecycle")
                 others = [c for c in status.get("conditions", []) if c.get("type") != "Ready"]
                 status["conditions"] = others + [{
                     "type": "Ready", "status": action.status, "reason": action.reason,

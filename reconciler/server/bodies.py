@@ -117,12 +117,18 @@ async def object_body(request: web.Request) -> Any:
     return parse_yaml(raw) if kind in YAML_TYPES else parse_json(raw)
 
 
-async def apply_body(request: web.Request) -> Any:
-    """The manifest of a server-side apply (YAML, or JSON which is YAML too)."""
+PATCH_MEDIA_TYPES = (APPLY_PATCH, "application/merge-patch+json", "application/strategic-merge-patch+json",
+                     "application/json-patch+json")
+
+
+async def patch_body(request: web.Request) -> tuple[str, Any]:
+    """(media type, parsed body) of a PATCH: a server-side apply manifest (YAML, or JSON which is
+    YAML too), a merge or strategic merge patch, or a JSON patch."""
     kind = media_type(request)
-    if kind != APPLY_PATCH:
-        raise ApiError(415, f"unsupported patch type {kind!r}: only {APPLY_PATCH} (server-side apply) is supported")
-    return parse_yaml(await read_body(request))
+    if kind not in PATCH_MEDIA_TYPES:
+        raise ApiError(415, f"unsupported patch type {kind!r}: send one of {', '.join(PATCH_MEDIA_TYPES)}")
+    raw = await read_body(request)
+    return kind, parse_yaml(raw) if kind == APPLY_PATCH else parse_json(raw)
 
 
 async def optional_json_body(request: web.Request) -> Any | None:

@@ -19,6 +19,8 @@ from exo_ctl.api.resources import API_VERSION
 from exo_ctl.api.status import status_object
 from reconciler.server.errors import ApiError
 from reconciler.server.keys import Watches
+from reconciler.server.query import FieldSelector
+from reconciler.server.tables import COLUMNS, table
 from exo_ctl.api.selectors import Selector
 from reconciler.store.base import Gone, Store
 from reconciler.store.state import Event, Key, StoreState
@@ -31,9 +33,18 @@ BOOKMARK_INTERVAL_S = 10.0  # with ?allowWatchBookmarks=true, a quiet watch gets
 class WatchFilter:
     """Which events a watcher sees, and as what type (deterministic; no I/O)."""
 
-    def __init__(self, *, kind: str, namespace: str | None, selector: Selector, matching: set[Key]):
+    def __init__(self, *, kind: str, namespace: str | None, selector: Selector, matching: set[Key],
+                 fields: FieldSelector | None = None):
         self.kind, self.namespace, self.selector = kind, namespace, selector
+        self.fields = fields or FieldSelector()
         self.matching = matching  # keys the watcher currently holds as matching
+
+    @property
+    def filters_nothing(self) -> bool:
+        return self.selector.is_empty and self.fields.is_empty
+
+    def matches(self, obj: Mapping[str, Any]) -> bool:
+        return self.selector.matches(obj["metadata"].get("labels")) and self.fields.matches(obj)
 
     def in_scope(self, obj: Mapping[str, Any]) -> bool:
         if obj.get("kind") != self.kind:
@@ -44,14 +55,14 @@ class WatchFilter:
         """The type to send for this event, or None to skip it."""
         if not self.in_scope(obj):
             return None
-        if self.selector.is_empty:
+        if self.filters_nothing:
             return event_type
         key = _key(obj)
         was_matching = key in self.matching
         if event_type == "DELETED":
             self.matching.discard(key)
-            return "DELETED" if was_matching or self.selector.matches(obj["metadata"].get("labels")) else None
-        if self.selector.matches(obj["metadata"].get("labels")):
+            return "DELETED" if was_matching or self.matches(obj) else None
+        if self.matches(obj):
             self.matching.add(key)
             return "MODIFIED" if was_matching else "ADDED"
         if was_matching:
@@ -73,16 +84,31 @@ def matching_at(state: StoreState, revision: int, view: WatchFilter) -> set[Key]
         if event.revision > revision:
             break
         if view.in_scope(event.object):
-            labels = event.object["metadata"].get("labels")
-            matched[_key(event.object)] = event.type != "DELETED" and view.selector.matches(labels)
+            matched[_key(event.object)] = event.type != "DELETED" and view.matches(event.object)
     for key, obj in state.objects.items():
         if int(obj["metadata"]["resourceVersion"]) <= revision and view.in_scope(obj):
-            matched[key] = view.selector.matches(obj["metadata"].get("labels"))
+            matched[key] = view.matches(obj)
     return {key for key, ok in matched.items() if ok}
 
 
 def _line(event_type: str, obj: Mapping[str, Any]) -> bytes:
     return (json.dumps({"type": event_type, "object": obj}, separators=(",", ":")) + "\n").encode()
+
+
+class Renderer:
+    """What each watch event carries: the object, or (for ``kubectl get -w``) a one-row Table whose
+    first event holds the column definitions."""
+
+    def __init__(self, *, as_table: bool, include: str = "PartialObjectMetadata"):
+        self.as_table, self.include, self.headers_sent = as_table, include, False
+
+    def line(self, event_type: str, obj: Mapping[str, Any]) -> bytes:
+        if not self.as_table or event_type in ("ERROR", "BOOKMARK") or obj.get("kind") not in COLUMNS:
+            return _line(event_type, obj)
+        rendered = table(obj["kind"], [dict(obj)], list_meta={"resourceVersion": obj["metadata"]["resourceVersion"]},
+                         include=self.include, headers=not self.headers_sent)
+        self.headers_sent = True
+        return _line(event_type, rendered)
 
 
 def bookmark_revision(state: StoreState, kind: str, delivered: int) -> int:
@@ -109,14 +135,16 @@ async def _cancel(*futures: asyncio.Future[Any]) -> None:
 
 async def serve_watch(request: web.Request, *, store: Store, kind: str, namespace: str | None,
                       selector: Selector, since: int | None, timeout_s: float | None,
-                      watches: Watches) -> web.StreamResponse:
+                      watches: Watches, fields: FieldSelector | None = None,
+                      renderer: Renderer | None = None) -> web.StreamResponse:
     """Stream events until the client leaves, ``timeout_s`` passes, the app shuts down, or the
     watcher falls behind compacted history (a final ERROR event with a 410 Status)."""
     state = store.state
     if since is not None and since < (compacted := state.compacted_revision_for(kind)):
         raise ApiError(410, f"too old resource version: {since} ({compacted}); list again and watch from its resourceVersion")
     initial: list[tuple[str, Mapping[str, Any]]] = []
-    view = WatchFilter(kind=kind, namespace=namespace, selector=selector, matching=set())
+    view = WatchFilter(kind=kind, namespace=namespace, selector=selector, matching=set(), fields=fields)
+    render = renderer or Renderer(as_table=False)
     if since is None:
         for key in sorted(k for k in state.objects if k[0] == kind):
             obj = state.objects[key]
@@ -124,7 +152,7 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
                 initial.append((event_type, obj))
         position = state.revision
     else:
-        if not selector.is_empty:
+        if not view.filters_nothing:
             view.matching = matching_at(state, since, view)
         position = since
 
@@ -140,7 +168,7 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
     next_bookmark, delivered = loop.time() + BOOKMARK_INTERVAL_S, position
     try:
         for event_type, obj in initial:
-            await response.write(_line(event_type, obj))
+            await response.write(render.line(event_type, obj))
         while True:
             check = watches.disconnect_check_s
             wait = check if deadline is None else max(0.0, min(check, deadline - loop.time()))
@@ -154,7 +182,7 @@ async def serve_watch(request: web.Request, *, store: Store, kind: str, namespac
                 next_event = asyncio.ensure_future(anext(events))
                 delivered = event.revision
                 if (event_type := view.translate(event.type, event.object)) is not None:
-                    await response.write(_line(event_type, event.object))
+                    await response.write(render.line(event_type, event.object))
                 continue
             if closed in done or _disconnected(request) or (deadline is not None and loop.time() >= deadline):
                 break

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import jsonpatch
+import jsonpointer
 from pydantic import ValidationError
 
 from exo_ctl.api.meta import Frozen
@@ -12,6 +14,7 @@ from exo_ctl.api.resources import KindInfo
 from exo_ctl.api.validation import Cause, InvalidObject, causes_from, normalize
 from reconciler.store.base import Store, StoreError, StoreRefused, StoreUnavailable
 from reconciler.store.state import Key, apply as apply_command
+from reconciler.scheduler.tensor_admission import admit_write
 from reconciler.server.errors import ApiError
 
 RETRY_AFTER_S = 2
@@ -146,6 +149,10 @@ def delete_options(raw: Any) -> DeleteOptions:
 
 async def commit(store: Store, command: dict[str, Any], *, target: Target, dry_run: bool) -> dict[str, Any]:
     """The result of ``command``: committed through the store, or computed without committing."""
+    try:
+        await admit_write(command)  # tensor ranks a model's family cannot be sharded over: refused here
+    except InvalidObject as error:
+        raise ApiError.invalid(error) from None
     if dry_run:
         _, result = apply_command(store.state, command)
         if not result.get("ok"):
@@ -167,3 +174,43 @@ async def commit(store: Store, command: dict[str, Any], *, target: Target, dry_r
         raise ApiError(504, f"the write was not confirmed in time ({error}); its outcome is unknown: retry with "
                        f"the same X-Exo-Op-Id ({command['opId']}) to apply it at most once",
                        headers={"X-Exo-Op-Id": command["opId"]}) from None
+
+
+# --- patches -----------------------------------------------------------------------------------
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+PATCH_TYPES = (MERGE_PATCH, STRATEGIC_PATCH, JSON_PATCH)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (our types have no list merge keys, so strategic merge is this too)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$"):
+            raise ApiError(400, f"strategic merge directive {key!r} is not supported: lists of exo.dev kinds are "
+                           "replaced whole; send the list as it should be")
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def patched(live: dict[str, Any], media: str, patch: Any) -> dict[str, Any]:
+    """``live`` with ``patch`` applied, or a 422 naming the failed operation."""
+    if media == JSON_PATCH:
+        if not isinstance(patch, list):
+            raise ApiError(400, f"a JSON patch ({JSON_PATCH}) must be a JSON array of operations, "
+                           f"got {type(patch).__name__}")
+        try:
+            result = jsonpatch.JsonPatch(patch).apply(live)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as error:
+            raise ApiError(422, f"the JSON patch could not be applied: {error}") from None
+        except (TypeError, KeyError, AttributeError) as error:
+            raise ApiError(400, f"invalid JSON patch operation: {error}") from None
+        return _mapping(result, "the patched object")
+    return _mapping(merge_patch(live, _mapping(patch, "a merge patch")), "the patched object")

@@ -171,6 +171,8 @@ def _decide(objects: Mapping[Key, Mapping[str, Any]], key: Key, command: Mapping
         annotations = _merge_map(live_meta.get("annotations", {}), prev_meta.get("annotations", {}), new_meta.get("annotations", {}))
         annotations[LAST_APPLIED] = annotation
         meta["annotations"] = annotations
+        if "managedFields" in new_meta:  # computed by the API server (server-side apply)
+            meta["managedFields"] = new_meta["managedFields"]
         obj = _updated(live, spec_body=body, meta=meta)
         if _canonical(obj) == _canonical(live):
             return {"ok": True, "action": "unchanged", "object": dict(live)}, None, None
@@ -186,6 +188,8 @@ def _decide(objects: Mapping[Key, Mapping[str, Any]], key: Key, command: Mapping
         new_meta = body.get("metadata", {})
         meta["labels"] = dict(new_meta.get("labels", {}))
         meta["annotations"] = dict(new_meta.get("annotations", {}))
+        if "managedFields" in new_meta:
+            meta["managedFields"] = new_meta["managedFields"]
         obj = _updated(live, spec_body=body, meta=meta)
         if _canonical(obj) == _canonical(live):
             return {"ok": True, "action": "unchanged", "object": dict(live)}, None, None

@@ -96,10 +96,11 @@ async def test_apply_accepts_a_json_manifest_and_fills_the_name_from_the_url(cli
     assert (await response.json())["metadata"]["name"] == "from-url"
 
 
-async def test_apply_needs_the_apply_patch_content_type(client):
-    response = await client.patch(f"{MD_PATH}/llama", headers={**AUTH, "Content-Type": "application/merge-patch+json"},
+async def test_a_patch_of_an_unknown_media_type_is_415_naming_the_supported_ones(client):
+    response = await client.patch(f"{MD_PATH}/llama", headers={**AUTH, "Content-Type": "text/plain"},
                                   data=json.dumps(deployment()))
     assert response.status == 415
+    assert "application/merge-patch+json" in (await response.json())["message"]
 
 
 async def test_replace_with_stale_resource_version_is_409_conflict(client):

@@ -15,7 +15,6 @@ leader reports its Node NotReady (default --node-timeout 3), each the median of 
 from __future__ import annotations
 
 import argparse
-import http.client
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import print_table  # noqa: E402
+from exo_ctl.http import HttpClient  # noqa: E402
 from harness.cluster import Cluster, ExoProcess, start_cluster  # noqa: E402
 from harness.membership import NODES, log_times, ready_by_node, unique_secret  # noqa: E402
 
@@ -43,26 +43,25 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def apply_once(conn: http.client.HTTPConnection, node: ExoProcess, replicas: int) -> int:
-    conn.request("PATCH", PATH, body=manifest(replicas), headers={
-        "Content-Type": "application/apply-patch+yaml", "Authorization": f"Bearer {node.secret}"})
-    resp = conn.getresponse()
-    resp.read()
-    return resp.status
+def apply_once(client: HttpClient, replicas: int) -> int:
+    answer = client.open("PATCH", PATH, body=manifest(replicas), content_type="application/apply-patch+yaml",
+                         check=False)
+    answer.read()
+    return answer.status
 
 
 def measure_applies(node: ExoProcess, count: int, start: int) -> tuple[float, list[float]]:
-    conn = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=10)
+    client = HttpClient(node.api_url, token=node.secret, timeout=10, keep_alive=True)
     latencies = []
     began = time.perf_counter()
     for i in range(count):
         t0 = time.perf_counter()
-        status = apply_once(conn, node, start + i)
+        status = apply_once(client, start + i)
         latencies.append((time.perf_counter() - t0) * 1000)
         if status not in (200, 201):
             raise RuntimeError(f"apply through {node.name} answered {status}")
     elapsed = time.perf_counter() - began
-    conn.close()
+    client.close()
     return count / elapsed, latencies
 
 
@@ -73,15 +72,13 @@ def measure_failover(cluster: Cluster) -> float:
     killed_at = time.perf_counter()
     replicas = 1000
     while True:
-        conn = http.client.HTTPConnection("127.0.0.1", survivor.api_port, timeout=5)
+        client = HttpClient(survivor.api_url, token=survivor.secret, timeout=5)
         try:
-            if apply_once(conn, survivor, replicas) in (200, 201):
+            if apply_once(client, replicas) in (200, 201):
                 elapsed = time.perf_counter() - killed_at
                 break
-        except OSError:
+        except OSError:  # ConnectionFailed: the survivor is not answering yet
             pass
-        finally:
-            conn.close()
         replicas += 1
         if time.perf_counter() - killed_at > 30:
             raise RuntimeError("no write accepted 30 s after killing the leader")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import print_table
+from exo_ctl import sse
+from exo_ctl.http import HttpError, HttpClient
 from exo_ctl.model_builder.build_model import build_model
 from harness.cluster import Cluster, ExoProcess, start_cluster
 from harness.serving import apply, wait_nodes_ready, wait_serving
@@ -38,24 +40,26 @@ def prompt_ids(count: int, *, vocab: int, offset: int = 0) -> list[int]:
 
 
 def _connect(node: ExoProcess, body: dict[str, Any], *, timeout: float) -> http.client.HTTPConnection:
+    # Raw http.client on purpose: abandon_prefills sends and hangs up before any answer header arrives.
     conn = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=timeout)
     conn.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, **body}),
                  headers={"Authorization": f"Bearer {node.secret}", "Content-Type": "application/json"})
     return conn
 
 
+def _client(node: ExoProcess, timeout: float) -> HttpClient:
+    return HttpClient(node.api_url, token=node.secret, timeout=timeout)
+
+
 def timed_completion(node: ExoProcess, body: dict[str, Any], *, patience: float) -> tuple[int | None, float, str]:
     """(status, seconds, first bytes of the body); status None when no answer came in time."""
     started = time.perf_counter()
-    conn = _connect(node, body, timeout=patience)
     try:
-        response = conn.getresponse()
+        response = _client(node, patience).open("POST", "/v1/completions", body={"model": MODEL, **body}, check=False)
         text = response.read().decode(errors="replace")
         return response.status, time.perf_counter() - started, text[:4000]
-    except (TimeoutError, OSError) as exc:
+    except OSError as exc:  # ConnectionFailed (a timeout included)
         return None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
 
 
 def describe(status: int | None, seconds: float, detail: str, *, patience: float) -> str:
@@ -111,22 +115,20 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         try:
-            response = _connect(self.node, self.body, timeout=60).getresponse()
+            response = _client(self.node, 60).open("POST", "/v1/completions", body={"model": MODEL, **self.body},
+                                                    check=False)
             if response.status != 200:
                 self.outcome = f"HTTP {response.status}"
                 return
-            for raw in iter(response.readline, b""):
-                line = raw.decode(errors="replace").strip()
-                if line == "data: [DONE]":
-                    self.outcome = "[DONE]"
-                elif line.startswith("data:") and '"error"' in line:
-                    self.outcome = "error event"
-                elif line.startswith("data:"):
-                    self.tokens += 1
-                    self.first.set()
-            if self.outcome == "running":
-                self.outcome = "cut without an error event"
-        except (TimeoutError, OSError) as exc:
+            for _ in sse.data(response.lines()):
+                self.tokens += 1
+                self.first.set()
+            self.outcome = "[DONE]"
+        except sse.StreamCut:
+            self.outcome = "cut without an error event"
+        except HttpError as exc:
+            self.outcome = "error event" if exc.code != 200 else f"bad event ({exc.message})"
+        except OSError as exc:  # ConnectionFailed: reset or timed out
             self.outcome = f"{type(exc).__name__}"
         finally:
             self.first.set()

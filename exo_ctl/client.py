@@ -2,73 +2,29 @@
 resolution of which server and token to use."""
 from __future__ import annotations
 
-import errno
-import http.client
 import json
 import os
-import socket
-import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 
 from exo_ctl.api.resources import KindInfo
-from exo_ctl.api.status import REASONS
+from exo_ctl.http import (DEFAULT_TIMEOUT, HttpError, Cause, ClientConfigError, ConnectionFailed,  # noqa: F401 (re-exported)
+                          HttpClient)
+from exo_ctl.sse import json_lines
 
 DEFAULT_SERVER = "http://127.0.0.1:52415"
-DEFAULT_TIMEOUT = 30.0
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 APPLY_RESULT_HEADER = "X-Exo-Apply-Result"
+PATCH_CONTENT_TYPES = {"merge": "application/merge-patch+json", "strategic": "application/strategic-merge-patch+json",
+                       "json": "application/json-patch+json"}
 OP_ID_HEADER = "X-Exo-Op-Id"
-
-
-class ConfigError(ValueError):
-    """The server URL, token or config file is unusable."""
-
-
-class ConnectionFailed(Exception):
-    """The API could not be reached (refused, unknown host, timeout); the message is one line."""
-
-
-@dataclass(frozen=True)
-class Cause:
-    field: str
-    message: str
-    reason: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
-
-
-class ApiError(Exception):
-    """The API answered with an error ``Status``."""
-
-    def __init__(self, code: int, reason: str, message: str, causes: list[Cause] | None = None):
-        self.code, self.reason, self.message, self.causes = code, reason, message, causes or []
-        self.retry_after: float | None = None
-        super().__init__(f"{reason} ({code}): {message}")
-
-    @classmethod
-    def from_response(cls, code: int, body: bytes) -> "ApiError":
-        reason = REASONS.get(code, "Unknown")
-        try:
-            status = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            status = None
-        if not isinstance(status, dict) or status.get("kind") != "Status":
-            text = body.decode("utf-8", "replace").strip().splitlines()
-            return cls(code, reason, text[0][:300] if text else f"HTTP {code}")
-        details = status.get("details") or {}
-        causes = [Cause(str(c.get("field") or ""), str(c.get("message") or ""), str(c.get("reason") or ""))
-                  for c in details.get("causes") or [] if isinstance(c, dict)]
-        return cls(int(status.get("code") or code), str(status.get("reason") or reason),
-                   str(status.get("message") or f"HTTP {code}"), causes)
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -79,6 +35,7 @@ class ClientConfig:
     token: str | None = None
     timeout: float | None = DEFAULT_TIMEOUT
     sources: dict[str, str] = field(default_factory=dict)  # where server/token came from
+    ca: str | None = None  # the cluster CA (PEM file): the only issuer an https:// server may present
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -94,22 +51,22 @@ def read_config_file(path: Path) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read {path}: {error}") from None
+        raise ClientConfigError(f"cannot read {path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML in the exoctl config file") from None
+        raise ClientConfigError(f"{where}: invalid YAML in the exoctl config file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the exoctl config must be a mapping with keys server and token")
+        raise ClientConfigError(f"{path}: the exoctl config must be a mapping with keys server and token")
     out: dict[str, str] = {}
-    for key in ("server", "token"):
+    for key in ("server", "token", "ca"):
         value = data.get(key)
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: {key} must be a string, got {type(value).__name__}")
+            raise ClientConfigError(f"{path}: {key} must be a string, got {type(value).__name__}")
         out[key] = value
     return out
 
@@ -123,21 +80,22 @@ def normalize_server(server: str) -> str:
     try:
         parts.port
     except ValueError:
-        raise ConfigError(f"invalid server URL {server!r}: bad port") from None
+        raise ClientConfigError(f"invalid server URL {server!r}: bad port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"invalid server URL {server!r} (expected http://HOST:PORT)")
+        raise ClientConfigError(f"invalid server URL {server!r} (expected http://HOST:PORT)")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 def load_config(*, server: str | None = None, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                env: Mapping[str, str] | None = None, path: Path | None = None) -> ClientConfig:
+                env: Mapping[str, str] | None = None, path: Path | None = None, ca: str | None = None) -> ClientConfig:
     """Flags first, then ``EXOCTL_SERVER``/``EXOCTL_TOKEN``, then the config file, then the default."""
     env = os.environ if env is None else env
     path = path or config_path(env)
     from_file: dict[str, str] | None = None
     chosen: dict[str, str | None] = {}
     sources: dict[str, str] = {}
-    for key, flag, variable in (("server", server, "EXOCTL_SERVER"), ("token", token, "EXOCTL_TOKEN")):
+    for key, flag, variable in (("server", server, "EXOCTL_SERVER"), ("token", token, "EXOCTL_TOKEN"),
+                                ("ca", ca, "EXOCTL_CA")):
         if flag:
             chosen[key], sources[key] = flag, f"--{key}"
         elif env.get(variable):
@@ -148,16 +106,18 @@ def load_config(*, server: str | None = None, token: str | None = None, timeout:
             if from_file.get(key):
                 chosen[key], sources[key] = from_file[key], str(path)
     return ClientConfig(server=normalize_server(chosen.get("server") or DEFAULT_SERVER),
-                        token=chosen.get("token"), timeout=timeout, sources=sources)
+                        token=chosen.get("token"), timeout=timeout, sources=sources, ca=chosen.get("ca"))
 
 
 def save_config(*, server: str, token: str | None, path: Path | None = None,
-                env: Mapping[str, str] | None = None) -> Path:
+                env: Mapping[str, str] | None = None, ca: str | None = None) -> Path:
     """Write the config file (mode 0600: it holds the cluster secret) and return its path."""
     path = path or config_path(env)
     data = {"server": normalize_server(server)}
     if token:
         data["token"] = token
+    if ca:
+        data["ca"] = str(Path(ca).resolve())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(path.name + ".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -169,30 +129,12 @@ def save_config(*, server: str, token: str | None, path: Path | None = None,
 
 # --- transport -------------------------------------------------------------------------------
 
-def _explain(error: BaseException, timeout: float | None) -> str:
-    if isinstance(error, socket.gaierror):
-        return "unknown host"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return f"timed out after {timeout:g}s" if timeout else "timed out"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, ConnectionResetError):
-        return "connection reset"
-    if isinstance(error, ssl.SSLError):
-        return f"TLS error: {error.reason or error}"
-    if isinstance(error, http.client.HTTPException):
-        return f"bad HTTP answer: {type(error).__name__}"
-    if isinstance(error, OSError) and error.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "host unreachable"
-    return (getattr(error, "strerror", None) or str(error) or type(error).__name__).lower()
-
-
 def _selector_query(label_selector: str | None) -> dict[str, str]:
     return {"labelSelector": label_selector} if label_selector else {}
 
 
 class Client:
-    """One method per API verb. Every failure is ApiError (the server answered) or
+    """One method per API verb. Every failure is HttpError (the server answered) or
     ConnectionFailed (it could not be reached)."""
 
     def __init__(self, config: ClientConfig, *, write_retries: int = 2,
@@ -200,50 +142,8 @@ class Client:
         self.config = config
         self.write_retries = write_retries
         self._sleep = sleep
-        parts = urlsplit(config.server)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path.rstrip("/")
-
-    # -- plumbing --
-    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-
-    def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "exoctl"}
-        if self.config.token:
-            headers["Authorization"] = f"Bearer {self.config.token}"
-        if content_type:
-            headers["Content-Type"] = content_type
-        return headers
-
-    def _failed(self, error: BaseException, timeout: float | None) -> ConnectionFailed:
-        return ConnectionFailed(f"cannot reach the exo API at {self.config.server} ({_explain(error, timeout)})"
-                                " — is a node running? set --server or EXOCTL_SERVER")
-
-    def _open(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: bytes | None = None,
-              content_type: str | None = None, headers: Mapping[str, str] | None = None, timeout: float | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        url = self._prefix + quote(path) + (f"?{urlencode(query)}" if query else "")
-        connection = self._connection(timeout)
-        try:
-            connection.request(method, url, body=body, headers={**self._headers(content_type), **(headers or {})})
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            connection.close()
-            raise self._failed(error, timeout) from None
-        if response.status >= 400:
-            try:
-                data = response.read()
-            except (OSError, http.client.HTTPException):
-                data = b""
-            connection.close()
-            error = ApiError.from_response(response.status, data)
-            error.retry_after = _seconds(response.getheader("Retry-After"))
-            raise error
-        return connection, response
+        self.http = HttpClient(config.server, token=config.token, ca=config.ca, timeout=config.timeout,
+                               hint=" — is a node running? set --server or EXOCTL_SERVER")
 
     def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
                 content_type: str = "application/json",
@@ -259,7 +159,7 @@ class Client:
             try:
                 return self._request_once(method, path, query=query, body=payload, content_type=content_type,
                                           headers=headers)
-            except ApiError as error:
+            except HttpError as error:
                 if method == "GET" or error.code not in (503, 504) or attempt >= self.write_retries:
                     raise
                 attempt += 1
@@ -267,20 +167,8 @@ class Client:
 
     def _request_once(self, method: str, path: str, *, query: Mapping[str, str] | None, body: bytes | None,
                       content_type: str, headers: Mapping[str, str]) -> tuple[dict[str, Any], Mapping[str, str]]:
-        timeout = self.config.timeout
-        connection, response = self._open(method, path, query=query, body=body, headers=headers,
-                                           content_type=content_type if body is not None else None, timeout=timeout)
-        try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            raise self._failed(error, timeout) from None
-        finally:
-            connection.close()
-        try:
-            decoded = json.loads(data) if data else {}
-        except ValueError:
-            raise ApiError(response.status, "BadResponse", f"the server at {self.config.server} did not answer JSON") from None
-        return decoded, dict(response.getheaders())
+        return self.http.request_json(method, path, query=query, body=body, headers=headers,
+                                      content_type=content_type if body is not None else None)
 
     # -- verbs --
     def get(self, info: KindInfo, name: str, *, namespace: str | None = None) -> dict[str, Any]:
@@ -320,6 +208,27 @@ class Client:
         body = {"preconditions": preconditions} if preconditions else None
         return self.request("DELETE", info.path(namespace, name), body=body, query=_dry_run(dry_run))[0]
 
+    def patch(self, info: KindInfo, name: str, patch: Any, *, namespace: str | None = None,
+              patch_type: str = "merge", subresource: str = "") -> dict[str, Any]:
+        """PATCH with a merge, strategic merge or JSON patch (``patch_type`` merge|strategic|json)."""
+        media = PATCH_CONTENT_TYPES[patch_type]
+        path = info.path(namespace, name) + (f"/{subresource}" if subresource else "")
+        return self.request("PATCH", path, body=patch, content_type=media)[0]
+
+    def events(self, *, namespace: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:
+        """core/v1 Events of one namespace (None: of all), oldest first by when they were last seen."""
+        path = f"/api/v1/namespaces/{namespace}/events" if namespace else "/api/v1/events"
+        listing = self.request("GET", path, query={"fieldSelector": field_selector} if field_selector else None)[0]
+        return sorted(listing.get("items") or [], key=lambda e: (e.get("lastTimestamp") or "", e["metadata"]["name"]))
+
+    def events_for(self, obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The Events whose involvedObject is ``obj`` (what describe shows)."""
+        meta = obj["metadata"]
+        selector = f"involvedObject.kind={obj['kind']},involvedObject.name={meta['name']}"
+        if meta.get("uid"):
+            selector += f",involvedObject.uid={meta['uid']}"
+        return self.events(namespace=meta.get("namespace"), field_selector=selector)
+
     def collection(self, info: KindInfo, *, namespace: str | None, all_namespaces: bool = False) -> str:
         if info.namespaced and all_namespaces:
             return f"/apis/exo.dev/v1alpha1/{info.plural}"
@@ -330,48 +239,17 @@ class Client:
               deadline: float | None = None) -> Iterator[dict[str, Any]]:
         """Watch events (``{"type", "object"}``) as they arrive, until the server ends the stream.
         Past ``deadline`` (a ``time.monotonic()`` instant) it raises TimeoutError; an ERROR event
-        raises ApiError."""
+        raises HttpError."""
         query = {"watch": "1", **_selector_query(label_selector)}
         if resource_version:
             query["resourceVersion"] = str(resource_version)
         path = self.collection(info, namespace=namespace, all_namespaces=all_namespaces)
-        connection, response = self._open("GET", path, query=query, timeout=self.config.timeout)
-        try:
-            while True:
-                if deadline is not None and connection.sock is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError("no watch event in time")
-                    connection.sock.settimeout(remaining)
-                elif connection.sock is not None:
-                    connection.sock.settimeout(None)
-                try:
-                    line = response.readline()
-                except (socket.timeout, TimeoutError):
-                    raise TimeoutError("no watch event in time") from None
-                except (OSError, http.client.HTTPException) as error:
-                    raise self._failed(error, None) from None
-                if not line:
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    raise ApiError(200, "BadResponse", "the watch stream sent a line that is not JSON") from None
-                if event.get("type") == "ERROR":
-                    status = event.get("object") or {}
-                    raise ApiError.from_response(int(status.get("code") or 500), json.dumps(status).encode())
-                yield event
-        finally:
-            connection.close()
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+        response = self.http.open("GET", path, query=query)
+        for event in json_lines(response.lines(deadline=deadline, forever=deadline is None)):
+            if event.get("type") == "ERROR":
+                status = event.get("object") or {}
+                raise HttpError.from_response(int(status.get("code") or 500), json.dumps(status).encode())
+            yield event
 
 
 def _dry_run(dry_run: bool) -> dict[str, str]:

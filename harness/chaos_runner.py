@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo_ctl.client import APPLY_CONTENT_TYPE, ApiError, Client, ClientConfig, ConnectionFailed
+from exo_ctl.client import APPLY_CONTENT_TYPE, HttpError, Client, ClientConfig, ConnectionFailed
 from harness.chaos_history import NodeState, Observed, Op
 from harness.cluster import Cluster, ExoProcess
 
@@ -61,7 +61,7 @@ def observed(obj: dict[str, Any]) -> Observed:
 class Attempt:
     """What one request through one node told: an answer, a definite refusal, or nothing sure."""
     answer: dict[str, Any] | None = None
-    definite_error: ApiError | None = None
+    definite_error: HttpError | None = None
     not_sent: bool = False  # the connection was refused: the request never reached a node
 
 
@@ -89,7 +89,7 @@ class ChaosClient:
         try:
             answer, _ = self._client(node).request(method, path, body=body, content_type=content_type, op_id=op_id)
             return Attempt(answer=answer)
-        except ApiError as error:
+        except HttpError as error:
             if error.code < 500 and error.code != 429:
                 return Attempt(definite_error=error)
             return Attempt()
@@ -97,8 +97,8 @@ class ChaosClient:
             return Attempt(not_sent="connection refused" in str(error))
 
     def _call(self, method: str, path: str, *, body: Any = None,
-              content_type: str = "application/json") -> tuple[str, dict[str, Any] | ApiError | None]:
-        """("ok", answer) | ("failed", ApiError or None) | ("unknown", None). A write keeps its op id
+              content_type: str = "application/json") -> tuple[str, dict[str, Any] | HttpError | None]:
+        """("ok", answer) | ("failed", HttpError or None) | ("unknown", None). A write keeps its op id
         across retries and nodes; a read is tried once on each node at most."""
         write = method != "GET"
         op_id = uuid.uuid4().hex if write else None
@@ -146,7 +146,7 @@ class ChaosClient:
             outcome, answer = self._call("DELETE", f"{COLLECTION}/{key}")
         elif kind == "get":
             outcome, answer = self._call("GET", f"{COLLECTION}/{key}")
-            if outcome == "failed" and isinstance(answer, ApiError) and answer.code == 404:
+            if outcome == "failed" and isinstance(answer, HttpError) and answer.code == 404:
                 outcome, answer = "ok", None  # a definite "absent"
         else:
             key = None

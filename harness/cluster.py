@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from exo_ctl.http import ClientConfigError, HttpClient
 
 HOST = "127.0.0.1"
 PORTS_PER_NODE = 4  # api, raft (api+1), data (api+2), one spare
@@ -78,21 +79,16 @@ def free_port_block(taken: set[int], size: int = PORTS_PER_NODE) -> int:
 
 
 def http_json(method: str, url: str, *, token: str | None = None, body: Any = None,
-              content_type: str = "application/json", timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
-    """(status, headers, parsed JSON or text) without raising on HTTP errors."""
-    data = None
-    if body is not None:
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", content_type)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            status, headers, raw = resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        status, headers, raw = err.code, dict(err.headers), err.read()
+              content_type: str = "application/json", timeout: float = 5.0,
+              ca: Path | None = None) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, parsed JSON or text) without raising on HTTP errors; ``ca``: the
+    cluster CA that an https:// server's certificate must chain to."""
+    parts = urlsplit(url)
+    client = HttpClient(f"{parts.scheme}://{parts.netloc}", token=token, ca=str(ca) if ca is not None else None,
+                        timeout=timeout, user_agent="exo-harness")
+    with client.open(method, unquote(parts.path), query=parts.query, body=body, content_type=content_type,
+                     headers={"Accept": "*/*"}, check=False) as resp:
+        status, headers, raw = resp.status, resp.headers, resp.read()
     try:
         return status, headers, json.loads(raw)
     except ValueError:
@@ -116,8 +112,18 @@ class ExoProcess:
         self.log_path = self.data_dir.parent / f"{self.name}.log"
 
     @property
+    def tls(self) -> bool:
+        """Started with ``--tls on``: the API serves HTTPS from the cluster CA (``ca_path``)."""
+        args = list(self.extra_args)
+        return "--tls" in args[:-1] and args[args.index("--tls") + 1] == "on"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.data_dir / "cluster-ca.pem"
+
+    @property
     def api_url(self) -> str:
-        return f"http://{HOST}:{self.api_port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.api_port}"
 
     @property
     def api_address(self) -> str:
@@ -130,7 +136,9 @@ class ExoProcess:
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "reconciler.main", "--name", self.name,
                 "--data-dir", str(self.data_dir), "--host", HOST, "--api-port", str(self.api_port),
-                "--log-level", "INFO"]
+                "--log-level", "INFO",
+                # Tests compare with mlx-lm in the files' dtype: pinned unless extra_args say otherwise.
+                "--compute-dtype", "files", "--blas", "bundled"]
         if self.peers:
             args += ["--peers", ",".join(self.peers)]
         if self.discovery:
@@ -182,8 +190,9 @@ class ExoProcess:
 
     def ready(self) -> bool:
         try:
-            status, _, _ = http_json("GET", self.api_url + "/readyz", timeout=1.0)
-        except OSError:
+            status, _, _ = http_json("GET", self.api_url + "/readyz", timeout=1.0,
+                                     ca=self.ca_path if self.tls else None)
+        except (OSError, ClientConfigError):  # ClientConfigError: the node has not written its CA file yet
             return False
         return status == 200
 
@@ -205,6 +214,7 @@ class ExoProcess:
 
     def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
         kwargs.setdefault("token", self.secret)
+        kwargs.setdefault("ca", self.ca_path if self.tls else None)
         return http_json(method, self.api_url + path, **kwargs)
 
 

@@ -84,7 +84,7 @@ def wait_serving(node: ExoProcess, deployment: str, *, stages: int, timeout: flo
 
 def client_for(node: ExoProcess, *, timeout: float = 60) -> Any:
     """The official ``openai`` client against ``node``: no retries, no proxies from the environment."""
-    import openai
+    import openai  # deliberately not exo_ctl.http: these tests check compatibility with the real SDK
 
     return openai.OpenAI(base_url=f"{node.api_url}/v1", api_key=node.secret, max_retries=0, timeout=timeout,
                          http_client=openai.DefaultHttpxClient(trust_env=False))

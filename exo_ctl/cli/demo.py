@@ -10,8 +10,6 @@ Ctrl-C it stops the nodes and puts the config file back as it was. No network, n
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import secrets
 import shutil
@@ -20,9 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +27,10 @@ import platformdirs
 
 from exo_ctl.api.resources import KINDS
 from exo_ctl.cli.common import EXIT_INTERRUPTED, EXIT_OK, CliError, Context
+from exo_ctl.cli.token import create_token
+from exo_ctl import sse
 from exo_ctl.client import DEFAULT_TIMEOUT, Client, ClientConfig, config_path, save_config
+from exo_ctl.http import HttpError, ConnectionFailed, HttpClient
 
 HOST = "127.0.0.1"
 NODES = 3
@@ -92,9 +91,10 @@ def deployment_manifest(model_path: Path) -> dict[str, Any]:
                      "placement": {"strategy": "Spread"}}}
 
 
-def serving_summary(entry: DemoNode, token: str, *, config_file: Path | None) -> str:
+def serving_summary(entry: DemoNode, token: str, *, config_file: Path | None, dashboard_token: str) -> str:
+    """``token``: the inference token OpenAI clients use; ``dashboard_token``: a view token (state and chat)."""
     lines = [f"exoctl demo: serving at {entry.url} (3 nodes, model {DEPLOYMENT!r}); press Ctrl-C to stop",
-             f"  dashboard:  {entry.url}/#token={token}"]
+             f"  dashboard:  {entry.url}/#token={dashboard_token}"]
     if config_file is not None:
         lines.append(f"  exoctl:     configured in {config_file}; try `exoctl get nodes`, `exoctl get shards`, "
                      "`exoctl get md`")
@@ -211,10 +211,10 @@ class DemoCluster:
                 raise CliError(f"{node.name} exited with status {self.procs[node.name].returncode}:\n"
                                f"{self.log_tail(node)}", raw=True)
             try:
-                with urllib.request.urlopen(f"{node.url}/readyz", timeout=1.0) as answer:
+                with HttpClient(node.url, timeout=1.0).open("GET", "/readyz", check=False) as answer:
                     if answer.status == 200:
                         return
-            except (OSError, urllib.error.HTTPError):
+            except ConnectionFailed:
                 pass
             time.sleep(0.1)
         raise CliError(f"{node.name} did not become ready in {START_TIMEOUT:.0f}s; its log: {self.log_path(node)}")
@@ -274,37 +274,24 @@ def wait_until_ready(client: Client, *, stages: int, out: TextIO, clock: Callabl
         sleep(0.25)
 
 
-def sse_data(lines: Iterator[bytes]) -> Iterator[Any]:
-    """The JSON payloads of a server-sent event stream, up to ``[DONE]``."""
-    for raw in lines:
-        line = raw.decode("utf-8", errors="replace").strip()
-        if not line.startswith("data:"):
-            continue
-        payload = line[len("data:"):].strip()
-        if payload == "[DONE]":
-            return
-        yield json.loads(payload)
-
-
 def stream_chat(entry: DemoNode, token: str, *, prompt: str, max_tokens: int, out: TextIO) -> None:
     """Stream a chat answer to ``out``, piece by piece as the pipeline produces it."""
-    body = json.dumps({"model": DEPLOYMENT, "stream": True, "max_tokens": max_tokens, "temperature": 0.7,
-                       "messages": [{"role": "user", "content": prompt}]})
-    connection = http.client.HTTPConnection(HOST, entry.api_port, timeout=DEFAULT_TIMEOUT)
+    body = {"model": DEPLOYMENT, "stream": True, "max_tokens": max_tokens, "temperature": 0.7,
+            "messages": [{"role": "user", "content": prompt}]}
     try:
-        connection.request("POST", "/v1/chat/completions", body=body,
-                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise CliError(f"the chat request failed: HTTP {response.status}: {response.read().decode(errors='replace')}")
-        for data in sse_data(iter(response.readline, b"")):
-            if "error" in data:
-                raise CliError(f"the answer stopped: {data['error'].get('message')}")
+        response = HttpClient(entry.url, token=token, timeout=DEFAULT_TIMEOUT).open("POST", "/v1/chat/completions",
+                                                                                   body=body)
+    except HttpError as error:
+        raise CliError(f"the chat request failed: HTTP {error.code}: {error.message}") from None
+    try:
+        for data in sse.data(response.lines()):
             for choice in data.get("choices", []):
                 out.write((choice.get("delta") or {}).get("content") or "")
                 out.flush()
+    except (HttpError, ConnectionFailed) as error:
+        raise CliError(f"the answer stopped: {getattr(error, 'message', None) or error}") from None
     finally:
-        connection.close()
+        response.close()
     out.write("\n")
 
 
@@ -336,20 +323,24 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         model_path = build_model(args.size)
         print(f"exoctl demo: starting {NODES} nodes on {HOST} (data in {data_dir})", file=out, flush=True)
         cluster.start()
-        client = Client(ClientConfig(server=nodes[0].url, token=secret))
+        # The secret stays here: exoctl gets an admin token, the dashboard a view one, OpenAI clients an inference one.
+        root = Client(ClientConfig(server=nodes[0].url, token=secret))
+        admin, view, inference = (create_token(root, role=role, description=f"exoctl demo ({role})")["token"]
+                                  for role in ("admin", "view", "inference"))
+        client = Client(ClientConfig(server=nodes[0].url, token=admin))
         client.apply(KINDS["ModelDeployment"], deployment_manifest(model_path))
         print(f"exoctl demo: applied modeldeployment {DEPLOYMENT} (Spread over the nodes); waiting for Ready",
               file=out, flush=True)
         wait_until_ready(client, stages=NODES, out=out)
         print("exoctl demo: placement", file=out, flush=True)
-        show_placement(nodes[0], secret)
+        show_placement(nodes[0], admin)
         print(f"exoctl demo: asking {DEPLOYMENT!r}: {args.prompt}", file=out, flush=True)
         print("(the demo model has random weights, so its answer is word salad; every token went through "
               "all three nodes)", file=out, flush=True)
-        stream_chat(nodes[0], secret, prompt=args.prompt, max_tokens=args.max_tokens, out=out)
-        config.install(server=nodes[0].url, token=secret)
+        stream_chat(nodes[0], inference, prompt=args.prompt, max_tokens=args.max_tokens, out=out)
+        config.install(server=nodes[0].url, token=admin)
         serving = True  # before the summary: a Ctrl-C right after it still counts as a clean stop
-        print(serving_summary(nodes[0], secret, config_file=config.path), file=out, flush=True)
+        print(serving_summary(nodes[0], inference, config_file=config.path, dashboard_token=view), file=out, flush=True)
         reported: set[str] = set()
         while True:
             for gone in set(cluster.exited()) - reported:

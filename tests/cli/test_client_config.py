@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from exo_ctl.api.resources import KINDS
-from exo_ctl.client import (DEFAULT_SERVER, OP_ID_HEADER, ApiError, Client, ConfigError, config_path, load_config,
+from exo_ctl.client import (DEFAULT_SERVER, OP_ID_HEADER, HttpError, Client, ClientConfigError, config_path, load_config,
                             save_config)
 
 
@@ -47,14 +47,14 @@ def test_save_config_writes_a_private_file_that_load_config_reads_back(tmp_path)
 def test_a_broken_config_file_is_a_clear_error_naming_it(tmp_path, content, message):
     path = tmp_path / "config.yaml"
     path.write_text(content)
-    with pytest.raises(ConfigError, match=message) as caught:
+    with pytest.raises(ClientConfigError, match=message) as caught:
         load_config(env={}, path=path)
     assert str(path) in str(caught.value)
 
 
 @pytest.mark.parametrize("server", ["ftp://host:1", "http://host:notaport", "http://", "http://h:1/?q=1"])
 def test_a_server_that_is_not_an_http_url_is_refused(server, tmp_path):
-    with pytest.raises(ConfigError, match="server URL"):
+    with pytest.raises(ClientConfigError, match="server URL"):
         load_config(server=server, env={}, path=tmp_path / "none.yaml")
 
 
@@ -62,9 +62,9 @@ def test_status_bodies_become_api_errors_with_causes():
     body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422, "reason": "Invalid",
                        "message": 'ModelDeployment "x" is invalid',
                        "details": {"causes": [{"field": "spec.replicas", "message": "too big", "reason": "FieldValueInvalid"}]}})
-    error = ApiError.from_response(422, body.encode())
+    error = HttpError.from_response(422, body.encode())
     assert (error.code, error.reason, str(error.causes[0])) == (422, "Invalid", "spec.replicas: too big")
-    plain = ApiError.from_response(502, b"Bad Gateway\nfrom a proxy")
+    plain = HttpError.from_response(502, b"Bad Gateway\nfrom a proxy")
     assert (plain.code, plain.message) == (502, "Bad Gateway")
 
 

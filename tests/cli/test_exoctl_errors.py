@@ -25,8 +25,8 @@ def test_an_unreachable_server_is_one_line_naming_the_url(exoctl, exoctl_env):
 def test_a_wrong_token_is_unauthorized_with_a_hint(exoctl):
     result = exoctl("--token", "wrong", "get", "md")
     assert result.code == 1
-    assert result.stderr == ("error: unauthorized — the API rejected the token; set --token or EXOCTL_TOKEN "
-                             "to the cluster secret\n")
+    assert result.stderr.startswith("error: unauthorized — the API rejected the token; set --token or EXOCTL_TOKEN "
+                                    "to a role token (exoctl token create): Unauthorized")
 
 
 def test_unknown_types_and_bad_flags_are_one_line_errors(exoctl):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from exo_ctl.cli.demo import sse_data
+from exo_ctl import sse
 from harness.cluster import HOST, Cluster, ExoProcess, time_wait_ports
 from harness.serving import DEPLOYMENTS, apply, wait_nodes_ready, wait_serving
 
@@ -74,7 +74,7 @@ class Stream:
 
     def _read(self) -> None:
         try:
-            for payload in sse_data(iter(self.response.readline, b"")):
+            for payload in sse.data(iter(self.response.readline, b""), until_done=False, raise_errors=False):
                 self.payloads.append(payload)
         finally:
             self.ended_at = time.monotonic()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -10,11 +11,14 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.config import (DEFAULT_API_PORT, SECRET_ENV, ConfigError, DataDirLock, NodeConfig,
                                build_config)
 from reconciler.membership import JoinError
+
+if TYPE_CHECKING:  # imported late at run time: the node pulls in MLX
+    from reconciler.node import NodeOptions
 
 log = logging.getLogger("exo")
 SHUTDOWN_DEADLINE_S = 4.5  # from the first SIGTERM/SIGINT to the end of the process
@@ -42,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not use mDNS; join through --peers only")
     parser.add_argument("--interface", metavar="ADDR",
                         help="address to announce on with mDNS (default: the address the node serves on)")
+    parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
+                        help="HTTPS on the API port with a certificate from the cluster CA: auto (default) when "
+                             "bound beyond loopback, on, or off; stage traffic off loopback is always encrypted")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a browser origin (https://host[:port]) allowed to call the API; repeatable "
+                             "(default: same-origin only)")
     parser.add_argument("--max-concurrent-requests", type=int, default=8, metavar="N",
                         help="inference requests generating at once on this entry node (default 8)")
     parser.add_argument("--max-queued-requests", type=int, default=32, metavar="N",
@@ -51,6 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, default=128, metavar="N",
                         help="prompt tokens per prefill step (default 128; larger is faster on GPUs, smaller "
                              "frees a stage sooner when a client leaves)")
+    parser.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                        help="requests whose decode steps a stage runs as one batched forward (default 8; "
+                             "a deployment's spec.resources.maxBatchSize wins for its shards)")
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "files", "float32"],
+                        help="auto: CPU nodes time bf16 and float32 matmuls at start and widen 16-bit float "
+                             "files to float32 where it is faster (GPUs keep the files' dtype); files: as "
+                             "stored; float32: always widen. spec.model.dtype wins")
+    parser.add_argument("--blas", default="auto", choices=["auto", "openblas", "bundled"],
+                        help="Linux CPU nodes: auto/openblas restart the process once with OpenBLAS preloaded "
+                             "(libopenblas0-pthread) for fast float32; bundled keeps MLX's reference BLAS")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -58,10 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def print_secret_hint(config: NodeConfig) -> None:
     print(
-        f"exo: started a new cluster; its secret is stored in {config.data_dir / 'cluster-secret'}\n"
+        f"exo: started a new cluster; its secret is stored in {config.data_dir / 'cluster-secret'} "
+        "(it joins nodes: give it to no client)\n"
         f"  join other nodes:  {SECRET_ENV}=<secret> exo --peers {config.advertise_host}:{config.api_port}\n"
-        f"  use exoctl:        {SECRET_ENV}=<secret> exoctl --server {config.api_url} get modeldeployments\n"
-        f"  print the secret:  cat {config.data_dir / 'cluster-secret'}",
+        f"  use exoctl:        exoctl --server {config.api_url} --token \"$(cat {config.data_dir / 'admin-token'})\" "
+        "get modeldeployments\n"
+        f"  OpenAI clients:    base_url {config.api_url}/v1, api_key \"$(cat {config.data_dir / 'inference-token'})\"\n"
+        "  more tokens:       exoctl token create --role admin|edit|view|inference [--ttl 30d]\n"
+        "  (the token files appear once the node is ready)"
+        + (f"\n  HTTPS clients:     trust the cluster CA {config.data_dir / 'cluster-ca.pem'} "
+           "(OpenAI/httpx: verify=PATH, or SSL_CERT_FILE=PATH)" if config.https else ""),
         file=sys.stderr, flush=True,
     )
 
@@ -95,13 +121,22 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
         raise ConfigError(f"--max-concurrent-requests: must be at least 1, got {args.max_concurrent_requests}")
     if args.prefill_chunk < 1:
         raise ConfigError(f"--prefill-chunk: must be at least 1, got {args.prefill_chunk}")
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
     if args.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests: must be 0 or more, got {args.max_queued_requests}")
+    from reconciler.server.cors import parse_origin
+
+    try:
+        cors_origins = tuple(parse_origin(origin) for origin in args.cors_origin)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return NodeOptions(memory=memory, labels=labels, node_timeout=args.node_timeout, node_grace=args.node_grace,
-                       discovery=not args.no_discovery, interface=args.interface,
+                       discovery=not args.no_discovery, interface=args.interface, cors_origins=cors_origins,
                        max_concurrent_requests=args.max_concurrent_requests,
                        max_queued_requests=args.max_queued_requests,
-                       request_idle_timeout=args.request_idle_timeout, prefill_chunk=args.prefill_chunk)
+                       request_idle_timeout=args.request_idle_timeout, prefill_chunk=args.prefill_chunk,
+                       max_batch_size=args.max_batch_size)
 
 
 async def serve(config: NodeConfig, options: "NodeOptions") -> None:
@@ -184,6 +219,13 @@ def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from reconciler.runtime.blas import BlasError, reexec_with_blas
+
+    try:
+        reexec_with_blas(args.blas)  # returns unless it restarts this process with OpenBLAS preloaded
+    except BlasError as exc:
+        print(f"exo: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # until serve() handles it: like Ctrl-C
     # The Raft thread and the event loop hand the GIL back and forth on every commit; the default
     # 5 ms switch interval would add up to that much to each write.
@@ -199,7 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             api_port=args.api_port, raft_port=args.raft_port, peers=args.peers,
             secret_flag=args.cluster_secret,
         )
+        from reconciler.tls import serves_https
+
+        config = dataclasses.replace(config, https=serves_https(args.tls, config.host))
         options = node_options(args)
+        from reconciler.runtime.cpu_profile import compute_profile
+
+        options = dataclasses.replace(options, compute=compute_profile(args.compute_dtype))
+        log.info("compute: fastest float dtype %s (%s; BLAS %s; matmul ms %s)", options.compute.dtype or "not decided",
+                 options.compute.source, options.compute.blas or "none", options.compute.matmulMs or "not measured")
         if config.secret_generated:
             print_secret_hint(config)
         run_event_loop(serve(config, options))

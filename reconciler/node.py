@@ -4,8 +4,6 @@ data path, node registration, and the controllers."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,17 +14,22 @@ from typing import Any
 from aiohttp import web
 
 from reconciler import formation
+from reconciler import tls as cluster_tls
+from reconciler.cluster_keys import cluster_keys
 from reconciler.config import NodeConfig
 from reconciler.controllers.manager import ControllerManager
 from reconciler.controllers.node_lifecycle import NodeLifecycleController
 from reconciler.controllers.node_registration import NodeIdentity, NodeRegistrar
 from reconciler.controllers.scheduler import SchedulerController
+from exo_ctl.api.resources import NodeCompute
 from reconciler.controllers.shard_agent import ShardAgent
 from reconciler.datapath.stage import StageServer
 from reconciler.inference.cluster import ClusterBackend
 from reconciler.consistency_check import ConsistencyChecker, add_consistency_routes
 from reconciler.membership import MemberInfo, add_membership_routes
 from reconciler.metrics import NodeMetrics
+from reconciler.runtime.cpu_profile import loader_in
+from reconciler.runtime.shard_model import open_shard
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftStore
 
@@ -45,9 +48,9 @@ def exo_version() -> str:
 
 
 def data_path_token(secret: str) -> str:
-    """What stage connections present in their HELLO: derived from the cluster secret, so the
-    data port serves only members of this cluster and never sees the secret itself."""
-    return hmac.new(secret.encode(), b"exo-data-path-v1", hashlib.sha256).hexdigest()
+    """What stage connections present in their HELLO: derived from the cluster secret (HKDF,
+    its own label), so the data port serves only members and never sees the secret itself."""
+    return cluster_keys(secret).data_path
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,11 @@ class NodeOptions:
     interface: str | None = None            # where mDNS announces (default: the advertised host)
     request_idle_timeout: float = 60.0      # a request with no progress for this long fails
     prefill_chunk: int = 128                # --prefill-chunk: prompt tokens per prefill step
+    max_batch_size: int = 8                 # --max-batch-size: decode steps a stage runs as one forward
     max_concurrent_requests: int = 8        # --max-concurrent-requests: generating at once on this entry node
     max_queued_requests: int = 32           # --max-queued-requests: waiting for a slot; beyond: 429
+    compute: NodeCompute = field(default_factory=NodeCompute)  # --compute-dtype: measured at start
+    cors_origins: tuple[str, ...] = ()      # --cors-origin: browser origins besides the API's own
 
 
 class ExoNode:
@@ -82,6 +88,7 @@ class ExoNode:
         self._controllers: ControllerManager | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.consistency: ConsistencyChecker | None = None
+        self.certificate: cluster_tls.NodeCertificate | None = None  # from the cluster CA, when TLS is used
 
     @property
     def member_info(self) -> MemberInfo:
@@ -115,9 +122,13 @@ class ExoNode:
         from reconciler.server.openai_api import add_openai_routes
         from reconciler.server.openapi import add_openapi_route
 
+        from reconciler.server.cors import cors_middleware
+
         app = create_app(store=store, token=self.config.secret, node_name=self.config.name)
-        add_membership_routes(app, store=store, secret=self.config.secret)
-        add_consistency_routes(app, store=store, secret=self.config.secret)
+        app.middlewares.insert(0, cors_middleware(self.options.cors_origins))
+        client_ssl = self.certificate.client if self.certificate is not None else None
+        add_membership_routes(app, store=store, secret=self.config.keys.member, client_ssl=client_ssl)
+        add_consistency_routes(app, store=store, secret=self.config.keys.member)
         add_dashboard_routes(app, metrics=self.metrics)
         add_openai_routes(app, backend=backend, metrics=self.metrics,
                           max_concurrent=self.options.max_concurrent_requests,
@@ -136,8 +147,18 @@ class ExoNode:
         self._tasks.append(asyncio.create_task(formation.readmit_if_removed(config, store), name="exo-readmit"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="exo-register-self"))
 
-        data_token = data_path_token(config.secret)
-        self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_token)
+        # TLS from the cluster CA: HTTPS on the API port (--tls), and stage traffic off loopback.
+        encrypt_data = not cluster_tls.is_loopback(config.advertise_host)
+        if config.https or encrypt_data:
+            self.certificate = await cluster_tls.node_certificate(store, config=config, timeout_s=self.join_timeout)
+            self._tasks.append(asyncio.create_task(cluster_tls.follow_replicated_ca(
+                store, config=config, certificate=self.certificate), name="exo-cluster-ca"))
+        data_tls = self.certificate.data_path() if self.certificate is not None else None
+        data_token = config.keys.data_path
+        self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_token,
+                                        tls=data_tls if encrypt_data else None, max_batch_size=options.max_batch_size)
+        self.stage_server.step_observer = self.metrics.observe_stage_step
+        self.metrics.watch_stage_requests(self.stage_server.requests_per_shard)
         try:
             await self.stage_server.start()
         except OSError as exc:
@@ -146,13 +167,14 @@ class ExoNode:
 
         self.backend = ClusterBackend(store=store, data_token=data_token,
                                       idle_timeout_s=options.request_idle_timeout,
-                                      prefill_chunk=options.prefill_chunk)
+                                      prefill_chunk=options.prefill_chunk, data_tls=data_tls)
         app = self.build_http_app(store, stage_server=self.stage_server, backend=self.backend)
         # handler_cancellation: a client that disconnects cancels its handler (frees its generation)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                                      shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.api_port, reuse_address=True)
+        site = web.TCPSite(self._runner, config.host, config.api_port, reuse_address=True,
+                           ssl_context=self.certificate.server if config.https and self.certificate else None)
         try:
             await site.start()
         except OSError as exc:
@@ -160,7 +182,8 @@ class ExoNode:
 
         identity = NodeIdentity(name=config.name, node_id=config.node_id, address=config.advertise_host,
                                 api_port=config.api_port, raft_port=config.raft_port, data_port=config.data_port,
-                                labels=dict(options.labels), memory_override=options.memory, version=exo_version())
+                                labels=dict(options.labels), memory_override=options.memory, version=exo_version(),
+                                compute=options.compute.model_dump())
         self._registrar = NodeRegistrar(store=store, identity=identity)
         self._registrar.start()
         self.lifecycle = NodeLifecycleController(
@@ -168,16 +191,25 @@ class ExoNode:
             remove_member=store.remove_member, raft_members=lambda: len(store.members))
         self.shard_agent = ShardAgent(store=store, node_name=config.name, stage_server=self.stage_server,
                                       data_endpoint=f"{config.advertise_host}:{config.data_port}",
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, loader=loader_in(options.compute.dtype, open_shard),
+                                      data_token=data_token)
         self._controllers = ControllerManager(
             store=store, controllers=[self.lifecycle, SchedulerController(store=store), self.shard_agent],
             observer=self.metrics.observe_reconcile)
         self._controllers.start()
-        self.consistency = ConsistencyChecker(store=store, secret=config.secret, node_name=config.name)
+        self.consistency = ConsistencyChecker(store=store, secret=config.keys.member, node_name=config.name,
+                                              client_ssl=self.certificate.client if self.certificate else None)
         self.consistency.start()
-        log.info("ready: node %s (id %s) serving the API at http://%s:%d, raft %s, data port %d, members %s",
-                 config.name, config.node_id, config.host, config.api_port, config.raft_address,
-                 config.data_port, ",".join(sorted({config.raft_address, *store.members})))
+        if config.secret_generated:   # a new cluster: clients get role tokens, never the secret
+            from reconciler.server.auth_tokens import mint_first_tokens
+            self._tasks.append(asyncio.create_task(mint_first_tokens(store, config.data_dir), name="exo-first-tokens"))
+        log.info("ready: node %s (id %s) serving the API at %s://%s:%d, raft %s, data port %d%s, members %s",
+                 config.name, config.node_id, "https" if config.https else "http", config.host, config.api_port,
+                 config.raft_address, config.data_port, " (TLS)" if encrypt_data else "",
+                 ",".join(sorted({config.raft_address, *store.members})))
+        if config.https and self.certificate is not None:
+            log.info("cluster CA for HTTPS clients (openai/httpx: verify=ssl.create_default_context(cafile=PATH), "
+                     "or SSL_CERT_FILE=PATH): %s", self.certificate.ca_path)
 
     async def _register_self(self) -> None:
         """Keep this node's id and API URL in the replicated directory (once, when it changes)."""

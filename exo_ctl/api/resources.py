@@ -34,10 +34,12 @@ class ModelSource(Frozen):
 
 
 class Placement(Frozen):
-    strategy: Literal["Pack", "Spread"] = "Pack"
-    nodeSelector: dict[str, str] = Field(default_factory=dict)
-    minNodes: int = Field(default=1, ge=1)
-    maxNodes: int | None = Field(default=None, ge=1)
+    """Which nodes hold the model's layers."""
+    strategy: Literal["Pack", "Spread"] = Field(
+        default="Pack", description="Pack: the fewest nodes that fit; Spread: every eligible node")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="labels a node must have to get layers")
+    minNodes: int = Field(default=1, ge=1, description="place on at least this many nodes")
+    maxNodes: int | None = Field(default=None, ge=1, description="place on at most this many nodes")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Placement":
@@ -57,6 +59,10 @@ class Resources(Frozen):
                     "context length, at most 4096")
     maxConcurrentRequests: int = Field(
         default=4, ge=1, le=1024, description="requests whose KV cache every stage reserves at once")
+    maxBatchSize: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="requests whose decode steps a stage runs as one batched forward; default: the node's "
+                    "--max-batch-size (8)")
 
     @field_validator("memoryHeadroom")
     @classmethod
@@ -69,10 +75,19 @@ class Resources(Frozen):
         return parse_quantity(self.memoryHeadroom)
 
 
+MAX_TENSOR_RANKS = 16
+
+
+class Parallelism(Frozen):
+    tensor: int = Field(default=1, ge=1, le=MAX_TENSOR_RANKS,
+                        description="tensor-parallel ranks per pipeline stage, each on its own node (1: pipeline only)")
+
+
 class ModelDeploymentSpec(Frozen):
     model: ModelSource
     replicas: int = Field(default=1, ge=0, le=64)
     placement: Placement = Field(default_factory=Placement)
+    parallelism: Parallelism = Field(default_factory=Parallelism)
     resources: Resources = Field(default_factory=Resources)
 
 
@@ -109,6 +124,8 @@ class NodeSpec(Frozen):
     apiPort: int
     raftPort: int
     dataPort: int | None = None
+    unschedulable: bool = Field(default=False, description="cordoned: no new shards; its shards move to other nodes "
+                                "make-before-break (exoctl cordon/drain)")
 
 
 class NodeCapacity(Frozen):
@@ -118,10 +135,21 @@ class NodeCapacity(Frozen):
     dtypes: list[str] = Field(default_factory=list)
 
 
+class NodeCompute(Frozen):
+    """How this node computes, decided at start (source: measured, flag, accelerator or files): its
+    fastest float dtype ("" = not decided; 16-bit float files are widened to float32 when it is
+    float32, never narrowed) and the BLAS its process loaded."""
+    dtype: Literal["", "bfloat16", "float32"] = ""
+    blas: str = ""
+    source: Literal["measured", "flag", "accelerator", "files"] = "files"
+    matmulMs: dict[str, float] = Field(default_factory=dict, description="the start-up matmuls, per dtype")
+
+
 class NodeStatus(Frozen):
     role: Literal["leader", "follower", "unknown"] = "unknown"
     capacity: NodeCapacity = Field(default_factory=NodeCapacity)
     allocatable: NodeCapacity = Field(default_factory=NodeCapacity)
+    compute: NodeCompute = Field(default_factory=NodeCompute)
     version: str = ""
     renewTime: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -152,6 +180,23 @@ class LayerRange(Frozen):
         return f"{self.start}-{self.end - 1}"
 
 
+class TensorPeer(Frozen):
+    node: str
+    address: str = Field(description="HOST:PORT the rank's ring socket listens on")
+
+
+class TensorGroup(Frozen):
+    rank: int = Field(ge=0)
+    size: int = Field(ge=2)
+    peers: list[TensorPeer] = Field(description="every rank of the group, in rank order")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "TensorGroup":
+        if self.rank >= self.size or len(self.peers) != self.size:
+            raise ValueError(f"rank {self.rank} of {self.size} needs {self.size} peers, got {len(self.peers)}")
+        return self
+
+
 class ShardSpec(Frozen):
     deployment: str = Field(description="NAMESPACE/NAME of the owning ModelDeployment")
     deploymentUid: str | None = None
@@ -168,6 +213,9 @@ class ShardSpec(Frozen):
     overheadBytes: int = Field(default=0, ge=0, description="activations of a prefill chunk and the runtime baseline")
     maxRequests: int | None = Field(default=None, ge=1, description="requests whose KV cache this stage reserves; "
                                     "the stage refuses more at once")
+    maxBatchSize: int | None = Field(default=None, ge=1, description="requests whose decode steps this stage runs "
+                                     "as one forward; default: the node's --max-batch-size")
+    tensor: TensorGroup | None = Field(default=None, description="this stage's tensor-parallel group, when it has one")
 
     @property
     def reserved_bytes(self) -> int:

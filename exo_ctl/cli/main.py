@@ -12,9 +12,10 @@ from typing import NoReturn
 
 from exo_ctl.api.meta import DNS1123_LABEL
 from exo_ctl.api.resources import DEFAULT_NAMESPACE
-from exo_ctl.cli import apply, delete, demo, describe, get, model, wait
+from exo_ctl.cli import apply, config, delete, demo, describe, edit, get, model, token, wait
+from exo_ctl.cli import maintenance
 from exo_ctl.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError, Context, UsageError, parse_duration, server_error
-from exo_ctl.client import DEFAULT_TIMEOUT, ApiError, ConfigError, ConnectionFailed, load_config
+from exo_ctl.client import DEFAULT_TIMEOUT, HttpError, ClientConfigError, ConnectionFailed, load_config
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,7 +31,7 @@ def global_options(*, on_subcommand: bool) -> Parser:
     default = argparse.SUPPRESS if on_subcommand else None
     parser.add_argument("--server", default=default, help="API URL (default: $EXOCTL_SERVER, the config file, "
                                                           "or http://127.0.0.1:52415)")
-    parser.add_argument("--token", default=default, help="cluster secret (default: $EXOCTL_TOKEN or the config file)")
+    parser.add_argument("--token", default=default, help="API token (default: $EXOCTL_TOKEN or the config file)")
     parser.add_argument("-n", "--namespace", default=default, help="namespace (default: default)")
     parser.add_argument("--request-timeout", default=default, metavar="DURATION",
                         help="give up on a request after this long, e.g. 10s (0: never); default 30s")
@@ -49,6 +50,10 @@ def build_parser() -> Parser:
     wait.add_parser(subparsers, parents)
     model.add_parser(subparsers, parents)
     demo.add_parser(subparsers, parents)
+    token.add_parser(subparsers, parents)
+    config.add_parser(subparsers, parents)
+    edit.add_parsers(subparsers, parents)
+    maintenance.add_parsers(subparsers, parents)
     return parser
 
 
@@ -61,7 +66,7 @@ def make_context(args: argparse.Namespace) -> Context:
         timeout = parse_duration(args.request_timeout, flag="--request-timeout") or None
     try:
         config = load_config(server=args.server, token=args.token, timeout=timeout)
-    except ConfigError as error:
+    except ClientConfigError as error:
         raise CliError(str(error)) from None
     return Context(config=config, namespace=namespace or DEFAULT_NAMESPACE, namespace_given=namespace is not None,
                    stdin=sys.stdin.buffer if sys.stdin else None)
@@ -78,9 +83,9 @@ def run(argv: list[str] | None) -> int:
         return args.handler(args, make_context(args))
     except CliError as error:
         message, code = error.render(), error.code
-    except ApiError as error:
+    except HttpError as error:
         message, code = server_error(error).render(), EXIT_ERROR
-    except (ConnectionFailed, ConfigError) as error:
+    except (ConnectionFailed, ClientConfigError) as error:
         message, code = f"error: {error}", EXIT_ERROR
     if args is not None and code == EXIT_ERROR:
         code = getattr(args, "error_code", code)

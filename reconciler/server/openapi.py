@@ -17,8 +17,12 @@ from exo_ctl.api.resources import KINDS, KindInfo
 from reconciler.inference.backend import SamplingParams
 from reconciler.consistency_check import CONSISTENCY_PATH
 from reconciler.membership import MEMBERS_PATH
-from reconciler.server import openai_requests
-from reconciler.server.bodies import APPLY_PATCH, MAX_BODY_BYTES
+from reconciler.server import ollama_api, openai_requests
+from reconciler.server.auth_tokens import TOKEN_PATH, TOKENS_PATH
+from reconciler.server.bodies import MAX_BODY_BYTES, PATCH_MEDIA_TYPES
+from reconciler.server.discovery import API_FALLBACK_PATH, DISCOVERY_PATHS, kind_subresources
+from reconciler.server.events_routes import EVENT_ITEM_PATH, EVENT_PATHS
+from reconciler.server.openapi_k8s import OPENAPI_FALLBACK_PATH
 from reconciler.server.dashboard import THROUGHPUT_PATH
 from reconciler.server.datapath_status import DATAPATH_PATH
 from reconciler.server.query import OP_ID_HEADER
@@ -105,7 +109,8 @@ def _generation_fields(max_tokens_fields: tuple[str, ...]) -> dict[str, Any]:
     """The sampling and streaming fields shared by chat and text completions."""
     fields: dict[str, Any] = {
         "model": {"type": "string", "minLength": 1, "description": "the deployment name or its served name"},
-        "n": {"type": "integer", "minimum": 1, "maximum": 1, "description": "only one choice per request"},
+        "n": {"type": "integer", "minimum": 1, "maximum": openai_requests.MAX_CHOICES,
+              "description": "choices, generated concurrently (at most the node's generation slots)"},
         "stream": {"type": "boolean", "default": False},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                            "description": "only with stream: true"},
@@ -137,14 +142,32 @@ def _openai_schemas() -> dict[str, Any]:
     chat = {"type": "object", "required": ["model", "messages"], "dependentSchemas": _STREAM_OPTIONS, "properties": {
         **_generation_fields(("max_completion_tokens", "max_tokens")),
         "messages": {"type": "array", "minItems": 1, "items": message},
-        "logprobs": {"enum": [False, None]}, "response_format": {"type": "object", "properties": {
-            "type": {"const": "text"}}, "required": ["type"], "additionalProperties": False}}}
+        "logprobs": {"type": ["boolean", "null"], "description": "each token's log-probability (after the penalties)"},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": openai_requests.MAX_TOP_LOGPROBS,
+                         "description": "alternatives per token; only with logprobs: true"},
+        "response_format": {"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                                                             "strict": {"type": "boolean"}}}},
+            "description": "json_object and json_schema are enforced by constrained decoding (llguidance)"},
+        "tools": {"type": "array", "description": "function tools, for models whose chat template and mlx-lm "
+                  "tool parser call tools (others: 400)", "items": {"type": "object", "required": ["type", "function"],
+                  "properties": {"type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                  "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
+                                 "description": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+        "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {
+            "type": "object", "required": ["type", "function"], "properties": {"type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}],
+            "description": "required or a named function: enforced by constrained decoding (the call always "
+                           "parses and matches the parameters)"}}}
     completion = {"type": "object", "required": ["model", "prompt"], "dependentSchemas": _STREAM_OPTIONS, "properties": {
         **_generation_fields(("max_tokens",)),
         "prompt": {"oneOf": [{"type": "string"},
                              {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
                              {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}],
                    "description": "text, or token ids (each below the model's vocabulary size)"},
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": openai_requests.MAX_COMPLETION_LOGPROBS,
+                     "description": "each token's log-probability with this many alternatives"},
         "echo": {"const": False}, "best_of": {"const": 1}}}
     usage = {"type": "object", "properties": {k: {"type": "integer", "minimum": 0}
                                               for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
@@ -181,6 +204,9 @@ _LIST_QUERY = [
     _query("watch", {"enum": ["true", "false", "1", "0"]}, "stream changes instead of listing"),
     _query("resourceVersion", {"type": "string", "pattern": "^[0-9]+$"}, "watch changes after this revision"),
     _query("timeoutSeconds", {"type": "integer", "minimum": 0}, "end a watch after this many seconds"),
+    _query("fieldSelector", {"type": "string"}, "e.g. metadata.name=tiny,spec.nodeName!=node-a"),
+    _query("limit", {"type": "integer", "minimum": 0}, "at most this many items; metadata.continue pages on"),
+    _query("continue", {"type": "string"}, "the metadata.continue of the previous page"),
 ]
 
 
@@ -208,8 +234,9 @@ def _kind_operations(info: KindInfo) -> dict[RouteKey, Operation]:
         ("GET", item): _op(f"read a {info.kind}", responses={"200": one}, parameters=named),
         ("PUT", item): _op(f"replace a {info.kind}", responses={"200": one}, parameters=[*named, _DRY_RUN, _OP_ID],
                            body=_object_body(info, writes)),
-        ("PATCH", item): _op(f"server-side apply a {info.kind}", responses={"200": one, "201": one},
-                             parameters=[*named, _DRY_RUN, _OP_ID], body=_object_body(info, (APPLY_PATCH,))),
+        ("PATCH", item): _op(f"patch (merge, strategic merge, JSON patch) or server-side apply a {info.kind}",
+                             responses={"200": one, "201": one}, parameters=[*named, _DRY_RUN, _OP_ID],
+                             body=_object_body(info, PATCH_MEDIA_TYPES)),
         ("DELETE", item): _op(f"delete a {info.kind}", responses={"200": one}, parameters=[*named, _DRY_RUN, _OP_ID],
                               body={"required": False, "content": _json({"type": "object", "properties": {
                                   "dryRun": {"type": "array", "items": {"const": "All"}},
@@ -218,7 +245,16 @@ def _kind_operations(info: KindInfo) -> dict[RouteKey, Operation]:
         ("GET", item + "/status"): _op(f"read a {info.kind} and its status", responses={"200": one}, parameters=named),
         ("PUT", item + "/status"): _op(f"replace a {info.kind}'s status", responses={"200": one},
                                        parameters=[*named, _DRY_RUN, _OP_ID], body=_object_body(info, writes)),
+        ("PATCH", item + "/status"): _op(f"patch a {info.kind}'s status", responses={"200": one},
+                                         parameters=[*named, _DRY_RUN, _OP_ID], body=_object_body(info, PATCH_MEDIA_TYPES)),
     }
+    if "scale" in kind_subresources(info):
+        scale = _ok("the autoscaling/v1 Scale of spec.replicas", _json({"type": "object"}))
+        scale_body = {"required": True, "content": {m: {"schema": {"type": "object"}} for m in ("application/json", *PATCH_MEDIA_TYPES[1:])}}
+        ops[("GET", item + "/scale")] = _op(f"read a {info.kind}'s scale", responses={"200": scale}, parameters=named)
+        for method in ("PUT", "PATCH"):
+            ops[(method, item + "/scale")] = _op(f"set a {info.kind}'s spec.replicas", responses={"200": scale},
+                                                 parameters=[*named, _DRY_RUN], body=scale_body)
     if info.namespaced:
         ops[("GET", f"{root}/{info.plural}")] = _op(f"list or watch {info.plural} in every namespace",
                                                    responses={"200": listing}, parameters=_LIST_QUERY)
@@ -238,6 +274,49 @@ def _openai_operations() -> dict[RouteKey, Operation]:
                                            responses={"200": _ok("the model", _json(_ref("Model")))}),
         ("POST", "/v1/chat/completions"): generation("ChatCompletionRequest"),
         ("POST", "/v1/completions"): generation("CompletionRequest"),
+        **_ollama_operations(),
+        ("POST", "/v1/messages"): _op("Anthropic Messages API (text and tool use)", error={
+            "description": "an error, in Anthropic's shape", "content": _json({"type": "object"})},
+            responses={"200": _ok("the message, or with stream: true Anthropic's server-sent events", {
+                "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": _SSE_EVENT}})},
+            body={"required": True, "content": _json({"type": "object", "required": ["model", "max_tokens", "messages"],
+                  "properties": {"model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+                                 "messages": {"type": "array", "minItems": 1}, "system": {},
+                                 "stop_sequences": {"type": "array", "items": {"type": "string"}},
+                                 "temperature": {"type": "number"}, "top_p": {"type": "number"},
+                                 "top_k": {"type": "integer"}, "stream": {"type": "boolean"},
+                                 "tools": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                                 "tool_choice": {"type": "object", "required": ["type"], "properties": {
+                                     "type": {"enum": ["auto", "any", "tool", "none"]}}}}})}),
+    }
+
+
+def _ollama_operations() -> dict[RouteKey, Operation]:
+    """The Ollama API: a translation onto the OpenAI request path (server/ollama_api.py)."""
+    error = {"description": "an error, in Ollama's shape", "content": _json({
+        "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}})}
+    options = {"type": "object", "description": "honoured: " + ", ".join(ollama_api.OPTIONS) + "; ignored (runtime): "
+               + ", ".join(sorted(ollama_api.RUNTIME_OPTIONS)) + "; any other is a 400"}
+    common = {"model": {"type": "string", "minLength": 1}, "stream": {"type": "boolean", "default": True},
+              "options": options, "format": {"oneOf": [{"const": "json"}, {"type": "object"}]}}
+    chat = {"type": "object", "required": ["model", "messages"], "properties": {
+        **common, "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"]}}}}
+    generate = {"type": "object", "required": ["model"], "properties": {
+        **common, "prompt": {"type": "string"}, "system": {"type": "string"}, "raw": {"type": "boolean"}}}
+    answer = {"application/json": {"schema": {"type": "object"}}, ollama_api.NDJSON: {"schema": {"type": "object"}}}
+
+    def generation(summary: str, schema: dict[str, Any]) -> Operation:
+        return _op(summary, error=error, responses={"200": _ok("the answer, or with stream: true NDJSON lines",
+                                                                answer)},
+                   body={"required": True, "content": _json(schema)})
+    return {
+        ("POST", "/api/chat"): generation("Ollama chat", chat),
+        ("POST", "/api/generate"): generation("Ollama generate", generate),
+        ("GET", "/api/tags"): _op("the ready models, Ollama's way", error=error,
+                                  responses={"200": _ok("the models", _json({"type": "object"}))}),
+        ("POST", "/api/show"): _op("one model, Ollama's way", error=error, responses={"200": _ok(
+            "the model", _json({"type": "object"}))}, body={"required": True, "content": _json({
+                "type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}})}),
     }
 
 
@@ -273,12 +352,56 @@ def _node_operations() -> dict[RouteKey, Operation]:
     }
 
 
+def _token_operations() -> dict[RouteKey, Operation]:
+    view = {"type": "object", "properties": {k: {"type": t} for k, t in (
+        ("id", "string"), ("role", "string"), ("description", "string"), ("created", "string"),
+        ("expires", ["string", "null"]), ("revoked", "boolean"), ("state", "string"), ("createdBy", "string"))}}
+    create = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+        "role": {"enum": ["admin", "edit", "view", "inference"]}, "description": {"type": "string", "maxLength": 256},
+        "ttlSeconds": {"type": "integer", "minimum": 1, "description": "the token expires this long after creation"}}}
+    created = {**view, "properties": {**view["properties"], "token": {
+        "type": "string", "description": "the token itself, shown only here"}}}
+    return {
+        ("GET", TOKENS_PATH): _op("the cluster's role tokens (admin; never their values)", responses={
+            "200": _ok("tokens", _json({"type": "object", "properties": {"items": {"type": "array", "items": view}}}))}),
+        ("POST", TOKENS_PATH): _op("mint a role token (admin)", body={"required": True, "content": _json(create)},
+                                   responses={"201": _ok("the new token, with its value", _json(created))}),
+        ("GET", TOKEN_PATH): _op("one token (admin)", parameters=[_path("id")],
+                                 responses={"200": _ok("the token", _json(view))}),
+        ("DELETE", TOKEN_PATH): _op("revoke a token: every node refuses it within 2 s (admin)",
+                                    parameters=[_path("id")], responses={"200": _ok("the revoked token", _json(view))}),
+    }
+
+
+def _kubernetes_operations() -> dict[RouteKey, Operation]:
+    """Discovery and the Kubernetes OpenAPI documents, what kubectl and the client libraries read first."""
+    document = _ok("the document", _json({"type": "object"}))
+    ops = {("GET", path): _op(f"Kubernetes discovery: {path}", secured=path.startswith("/api"), responses={"200": document})
+           for path in DISCOVERY_PATHS}
+    ops[("GET", API_FALLBACK_PATH)] = _op("unknown core API paths answer 404", parameters=[_path("rest")],
+                                          responses={"404": _STATUS_ERROR})
+    events = _ok("an EventList (or with watch=true a stream of events)", _json({"type": "object"}))
+    for path in EVENT_PATHS:
+        ops[("GET", path)] = _op("list or watch Events", responses={"200": events}, parameters=[
+            *([_path("namespace")] if "{namespace}" in path else []), *_LIST_QUERY])
+    ops[("GET", EVENT_ITEM_PATH)] = _op("read an Event", parameters=[_path("namespace"), _path("name")],
+                                        responses={"200": _ok("the Event", _json({"type": "object"}))})
+    for path in ("/openapi/v2", "/openapi/v3"):
+        ops[("GET", path)] = _op(f"Kubernetes OpenAPI {path[-2:]} document", responses={"200": document})
+    ops[("GET", "/openapi/v3/{path}")] = _op("the OpenAPI v3 document of one group version",
+                                             parameters=[_path("path")], responses={"200": document})
+    ops[("GET", OPENAPI_FALLBACK_PATH)] = _op("other /openapi paths answer 404",
+                                              parameters=[_path("rest")], responses={"404": _STATUS_ERROR})
+    return ops
+
+
 def _all_operations() -> dict[RouteKey, Operation]:
-    operations: dict[RouteKey, Operation] = {}
+    operations: dict[RouteKey, Operation] = _kubernetes_operations()
     for info in KINDS.values():
         operations.update(_kind_operations(info))
     operations.update(_openai_operations())
     operations.update(_node_operations())
+    operations.update(_token_operations())
     return operations
 
 
@@ -310,7 +433,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "exo node API", "version": API_VERSION,
                  "description": "The control plane (exo.dev resources), the OpenAI-compatible API and the "
-                                "node's own routes. The bearer token is a cluster token."},
+                                "node's own routes. The bearer token is a role token (admin, edit, view, inference)."},
         "paths": paths,
         "components": {"schemas": {**_resource_schemas(), **_openai_schemas(), "Status": _STATUS},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

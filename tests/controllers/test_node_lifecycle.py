@@ -1,6 +1,5 @@
 """Node liveness on the leader: leases observed on the leader's clock decide Ready, roles, and
 removal after the grace period, never at the cost of the survivors' quorum."""
-import pytest
 
 from reconciler.controllers.node_lifecycle import (
     LEASE, NodeLifecycleController, RemoveNode, Seen, SetCondition, SetRole, plan_node_health)

@@ -7,7 +7,7 @@ loaded from node0; writes go through node1, so what the page shows travelled thr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

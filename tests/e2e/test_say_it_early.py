@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness.cluster import Cluster, ExoProcess, start_cluster, wait_until
+from harness.cluster import ExoProcess, start_cluster, wait_until
 from tests.model_files import MAMBA, TWO_LAYER_LLAMA, write_model
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,5 @@
 """Quorum, staleness and in-flight writes of the Raft store under a cut, three peers in one process.
 A cut drops messages inside one peer's PySyncObj transport while its TCP connections stay up."""
-import asyncio
 
 import pytest
 

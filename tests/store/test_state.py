@@ -1,5 +1,4 @@
 """The pure state machine: apply, compare-and-set, idempotent retries and watch history."""
-import pytest
 
 from reconciler.store import state as st
 from reconciler.store.base import make_command

@@ -182,6 +182,7 @@ class ExoNode:
 
         identity = NodeIdentity(name=config.name, node_id=config.node_id, address=config.advertise_host,
                                 api_port=config.api_port, raft_port=config.raft_port, data_port=config.data_port,
+                                api_scheme="https" if config.https else "http",
                                 labels=dict(options.labels), memory_override=options.memory, version=exo_version(),
                                 compute=options.compute.model_dump())
         self._registrar = NodeRegistrar(store=store, identity=identity)

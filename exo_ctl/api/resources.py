@@ -124,6 +124,7 @@ class NodeSpec(Frozen):
     apiPort: int
     raftPort: int
     dataPort: int | None = None
+    apiScheme: Literal["http", "https"] = Field(default="http", description="how the API port is served (exo --tls)")
     unschedulable: bool = Field(default=False, description="cordoned: no new shards; its shards move to other nodes "
                                 "make-before-break (exoctl cordon/drain)")
 

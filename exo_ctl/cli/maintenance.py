@@ -110,7 +110,7 @@ def still_serving(ctx: Context, node: str) -> dict[str, int]:
     the end), with their requests in flight; {} once all are unloaded or the node is unreachable."""
     live = call(ctx, lambda: ctx.client.get(NODE, node), info=NODE, name=node)
     spec = live.get("spec") or {}
-    scheme = urlsplit(ctx.config.server).scheme or "http"
+    scheme = spec.get("apiScheme") or urlsplit(ctx.config.server).scheme or "http"
     direct = Client(replace(ctx.config, server=f"{scheme}://{spec.get('address')}:{spec.get('apiPort')}",
                             timeout=NODE_TIMEOUT_SECONDS))
     try:

@@ -26,6 +26,7 @@ class NodeIdentity:
     api_port: int
     raft_port: int
     data_port: int
+    api_scheme: str = "http"  # https when the node serves its API over TLS (exo --tls)
     labels: dict[str, str] = field(default_factory=dict)
     memory_override: int | None = None   # --memory: what this node advertises
     version: str = ""
@@ -63,7 +64,8 @@ def node_object(identity: NodeIdentity) -> dict[str, Any]:
             "exo.dev/hostname": platform.node().lower()[:63] or "unknown",
             "exo.dev/arch": platform.machine().lower(), **identity.labels}},
         "spec": {"nodeId": identity.node_id, "address": identity.address, "apiPort": identity.api_port,
-                 "raftPort": identity.raft_port, "dataPort": identity.data_port},
+                 "raftPort": identity.raft_port, "dataPort": identity.data_port,
+                 "apiScheme": identity.api_scheme},
     }
 
 

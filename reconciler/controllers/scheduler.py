@@ -283,7 +283,7 @@ class SchedulerController(Controller):
         live = self.store.get(("ModelDeployment", deployment.metadata.namespace or "default", deployment.metadata.name))
         if live is None:
             return None
-        api_urls = {n.metadata.name: f"http://{n.spec.address}:{n.spec.apiPort}" for n in nodes}
+        api_urls = {n.metadata.name: f"{n.spec.apiScheme}://{n.spec.address}:{n.spec.apiPort}" for n in nodes}
         status = deployment_status(deployment=live, shards=shards_now, problem=problem, now=utcnow_iso(),
                                    api_urls=api_urls, unused_nodes=unused)
         if not _same(status, live.get("status")):

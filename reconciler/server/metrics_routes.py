@@ -78,7 +78,8 @@ def sd_target_groups(nodes: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         host = spec["address"]
         host = f"[{host}]" if ":" in host else host
-        labels = {"node": name, "__meta_exo_node_role": str(status.get("role", "")), "__meta_exo_node_id": str(spec.get("nodeId", ""))}
+        labels = {"node": name, "__meta_exo_node_role": str(status.get("role", "")), "__meta_exo_node_id": str(spec.get("nodeId", "")),
+                  "__scheme__": spec.get("apiScheme", "http")}  # HTTPS nodes: Prometheus needs the cluster CA
         for key, value in (node["metadata"].get("labels") or {}).items():
             labels["__meta_exo_node_label_" + "".join(c if c.isalnum() else "_" for c in key)] = str(value)
         groups.append({"targets": [f"{host}:{spec['apiPort']}"], "labels": labels})

@@ -18,9 +18,9 @@ def tiny_model():
     return build_model("tiny")
 
 
-def node_body(name, memory=8 * GiB, ready="True"):
+def node_body(name, memory=8 * GiB, ready="True", scheme="http"):
     return {"apiVersion": "exo.dev/v1alpha1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"nodeId": name, "address": "127.0.0.1", "apiPort": 1, "raftPort": 2},
+            "spec": {"nodeId": name, "address": "127.0.0.1", "apiPort": 1, "raftPort": 2, "apiScheme": scheme},
             "status": {"allocatable": {"memory": memory}, "capacity": {"memory": memory},
                        "conditions": [{"type": "Ready", "status": ready}]}}
 
@@ -73,9 +73,10 @@ async def test_not_ready_node_loses_its_shard_to_the_survivors(tiny_model):
     assert covered == list(range(8))
 
 
-async def test_shards_reported_ready_make_the_deployment_ready(tiny_model):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_shards_reported_ready_make_the_deployment_ready_at_the_nodes_own_scheme(tiny_model, scheme):
     store = MemoryStore()
-    await add_node(store, "a")
+    await add_node(store, "a", scheme=scheme)
     await store.submit(make_command("apply", ("ModelDeployment", "default", "tiny"), body=md_body(tiny_model)))
     scheduler = SchedulerController(store=store)
     await scheduler.reconcile()
@@ -86,7 +87,7 @@ async def test_shards_reported_ready_make_the_deployment_ready(tiny_model):
     md = store.get(("ModelDeployment", "default", "tiny"))
     assert condition(store, "Ready")["status"] == "True"
     assert md["status"]["readyReplicas"] == 1 and md["status"]["observedGeneration"] == 1
-    assert md["status"]["endpoint"] == "http://127.0.0.1:1/v1"  # node a's API (apiPort 1 in this test)
+    assert md["status"]["endpoint"] == f"{scheme}://127.0.0.1:1/v1"  # node a's API (apiPort 1 in this test)
     assert condition(store, "Stalled")["status"] == "False" and condition(store, "Reconciling")["status"] == "False"
 
 

@@ -73,6 +73,10 @@ def test_a_node_that_joins_over_https_gets_a_certificate_from_the_same_ca(exo_cl
     cluster = exo_cluster(2, extra_args=["--tls", "on"])
     first, second = cluster.nodes
     assert first.ca_path.read_bytes() == second.ca_path.read_bytes()
+    for node in cluster.nodes:  # the scheme other nodes, /sd and status.endpoint use to reach it
+        wait_until(lambda: (first.request("GET", f"/apis/exo.dev/v1alpha1/nodes/{node.name}")[2] or {})
+                   .get("spec", {}).get("apiScheme") == "https", timeout=10, what=f"{node.name} says https",
+                   cluster=cluster)
     ca = x509.load_pem_x509_certificate(first.ca_path.read_bytes())
     for node in cluster.nodes:
         cert = ssl.get_server_certificate(("127.0.0.1", node.api_port))

@@ -47,9 +47,11 @@ async def put(store: MemoryStore, obj: dict[str, Any], status: dict[str, Any] | 
         await store.submit(make_command("status", key, body={"status": status}))
 
 
-def ready_node(name: str, *, ready: bool = True, port: int = 52415, role: str = "follower") -> tuple[dict, dict]:
+def ready_node(name: str, *, ready: bool = True, port: int = 52415, role: str = "follower",
+               scheme: str = "http") -> tuple[dict, dict]:
     obj = node(name)
     obj["spec"]["apiPort"] = port
+    obj["spec"]["apiScheme"] = scheme
     obj["metadata"]["labels"] = {"exo.dev/arch": "arm64"}
     status = {"role": role, "capacity": {"memory": 16 * 2**30}, "allocatable": {"memory": 12 * 2**30},
               "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
@@ -145,9 +147,9 @@ async def test_open_watch_streams_are_counted_and_labelled_watch(client: TestCli
     assert counted(samples)
 
 
-async def test_sd_lists_every_ready_node_as_a_target_with_its_name_and_role(client: TestClient,
-                                                                            store: MemoryStore) -> None:
-    await put(store, *ready_node("node-b", port=52419, role="leader"))
+async def test_sd_lists_every_ready_node_as_a_target_with_its_name_role_and_scheme(client: TestClient,
+                                                                                   store: MemoryStore) -> None:
+    await put(store, *ready_node("node-b", port=52419, role="leader", scheme="https"))
     await put(store, *ready_node("node-a", port=52415))
     await put(store, *ready_node("node-c", ready=False))
     await put(store, node("node-d"))  # registered, never judged Ready
@@ -156,7 +158,8 @@ async def test_sd_lists_every_ready_node_as_a_target_with_its_name_and_role(clie
     groups = await response.json()
     assert [g["targets"] for g in groups] == [["127.0.0.1:52415"], ["127.0.0.1:52419"]]
     assert groups[1]["labels"] == {"node": "node-b", "__meta_exo_node_role": "leader", "__meta_exo_node_id": "0f6c",
-                                   "__meta_exo_node_label_exo_dev_arch": "arm64"}
+                                   "__scheme__": "https", "__meta_exo_node_label_exo_dev_arch": "arm64"}
+    assert groups[0]["labels"]["__scheme__"] == "http"
 
 
 def test_raft_gauges_report_this_nodes_view_of_term_log_and_membership() -> None:

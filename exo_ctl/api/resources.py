@@ -83,12 +83,18 @@ class Parallelism(Frozen):
                         description="tensor-parallel ranks per pipeline stage, each on its own node (1: pipeline only)")
 
 
+class Serving(Frozen):
+    embeddings: bool = Field(default=False, description="serve /v1/embeddings: the mean of the prompt's last "
+                                                        "hidden states after the model's final norm")
+
+
 class ModelDeploymentSpec(Frozen):
     model: ModelSource
     replicas: int = Field(default=1, ge=0, le=64)
     placement: Placement = Field(default_factory=Placement)
     parallelism: Parallelism = Field(default_factory=Parallelism)
     resources: Resources = Field(default_factory=Resources)
+    serving: Serving = Field(default_factory=Serving)
 
 
 class ShardSummary(Frozen):

@@ -41,6 +41,8 @@ class Job:
     @property
     def single_token(self) -> bool:
         tensor = self.frame.tensor
+        if getattr(self.request, "embed", False):  # pooled on its own (it never decodes)
+            return False
         return tensor is not None and len(tensor.shape) >= 2 and tensor.shape[1] == 1
 
 

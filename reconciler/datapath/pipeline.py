@@ -251,20 +251,7 @@ class PipelineClient:
         queue: asyncio.Queue[Frame | Exception] = asyncio.Queue()
         conns: list[_StageConnection] = []
         try:
-            for address in route:
-                conn = await self._connection(address)
-                conn.requests[request_id] = queue
-                conns.append(conn)
-            for index, (address, conn) in enumerate(zip(route, conns)):
-                nxt = route[index + 1] if index + 1 < len(route) else None
-                spec = OpenRequest(shard=address.shard, next=nxt, sampling=sampling)
-                conn.send(Frame(Kind.OPEN, request_id, stage=index, meta=spec.model_dump(mode="json")))
-            waiting = set(range(len(route)))
-            while waiting:
-                frame = await self._next(queue, route, "the stages to open the request")
-                if frame.kind is Kind.OPENED:
-                    waiting.discard(frame.stage)
-
+            await self._open(route, request_id, queue, conns, sampling=sampling)
             entry, position, in_flight = conns[0], 0, 0
             while len(ids) - position > 1:  # same chunking as mlx_lm.generate_step
                 while in_flight >= self.prefill_window:
@@ -296,6 +283,56 @@ class PipelineClient:
                 conn.requests.pop(request_id, None)
                 if conn.failure is None:
                     conn.send(Frame(Kind.END, request_id, stage=index))
+
+    async def embed(self, route: Sequence[StageAddress], prompt_ids: Sequence[int]) -> list[float]:
+        """The mean of the prompt's normed last hidden states, pooled at the last stage."""
+        if not route or not prompt_ids:
+            raise ValueError("route and prompt_ids: must not be empty")
+        ids, request_id = [int(t) for t in prompt_ids], secrets.randbits(63) + 1
+        queue: asyncio.Queue[Frame | Exception] = asyncio.Queue()
+        conns: list[_StageConnection] = []
+        try:
+            await self._open(route, request_id, queue, conns, sampling=SamplingParams(seed=0), embed=True)
+            position, in_flight = 0, 0
+            while position < len(ids):
+                while in_flight >= self.prefill_window:
+                    frame = await self._next(queue, route, f"pooling up to position {position}")
+                    if frame.kind is not Kind.ACK:
+                        raise RouteError(f"stage {frame.stage} sent {frame.kind.name} while pooling")
+                    in_flight -= 1
+                n = min(self.prefill_chunk, len(ids) - position)
+                last = position + n == len(ids)
+                conns[0].send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE if last else 0, position=position,
+                                    tensor=_token_tensor(ids[position:position + n])))
+                position, in_flight = position + n, in_flight + 1
+            frame = await self._next(queue, route, "the pooled vector")
+            while frame.kind is Kind.ACK:
+                frame = await self._next(queue, route, "the pooled vector")
+            if frame.kind is not Kind.VECTOR or frame.tensor is None or frame.tensor.dtype != "float32":
+                raise RouteError(f"stage {frame.stage} sent {frame.kind.name} instead of a float32 vector")
+            return memoryview(frame.tensor.data).cast("B").cast("f").tolist()
+        finally:
+            for index, conn in enumerate(conns):
+                conn.requests.pop(request_id, None)
+                if conn.failure is None:
+                    conn.send(Frame(Kind.END, request_id, stage=index))
+
+    async def _open(self, route: Sequence[StageAddress], request_id: int, queue: asyncio.Queue[Frame | Exception],
+                    conns: list[_StageConnection], *, sampling: SamplingParams, embed: bool = False) -> None:
+        """OPEN the request on every stage (``conns`` gets their connections) and wait for each."""
+        for address in route:
+            conn = await self._connection(address)
+            conn.requests[request_id] = queue
+            conns.append(conn)
+        for index, (address, conn) in enumerate(zip(route, conns)):
+            nxt = route[index + 1] if index + 1 < len(route) else None
+            spec = OpenRequest(shard=address.shard, next=nxt, sampling=sampling, embed=embed)
+            conn.send(Frame(Kind.OPEN, request_id, stage=index, meta=spec.model_dump(mode="json")))
+        waiting = set(range(len(route)))
+        while waiting:
+            frame = await self._next(queue, route, "the stages to open the request")
+            if frame.kind is Kind.OPENED:
+                waiting.discard(frame.stage)
 
     async def _next(self, queue: asyncio.Queue[Frame | Exception], route: Sequence[StageAddress],
                     waiting_for: str) -> Frame:

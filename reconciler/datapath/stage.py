@@ -98,6 +98,8 @@ class _Request:
     batch: DecodeBatch | None = None  # while its cache is merged into the shard's decode batch
     offset: int = 0
     ended: bool = False
+    embed: bool = False  # (last stage) pool the normed hidden states instead of sampling
+    pooled: mx.array | None = None  # their float32 sum over the chunks so far
 
     @property
     def key(self) -> tuple[int, int]:
@@ -127,6 +129,8 @@ def _compute(job: Job) -> Frame | None:
     if request.cache is None:
         request.cache = shard.make_cache()
     x = tensor_to_array(frame.tensor)
+    if request.embed and shard.is_last:
+        return _pool(request, frame, shard.forward(x, cache=request.cache, hidden=True))
     out = shard.forward(x, cache=request.cache)
     request.offset += x.shape[1]
     if not shard.is_last:
@@ -192,6 +196,19 @@ def _hidden(request: _Request, frame: Frame, out: mx.array) -> Frame:
         Kind.FORWARD, request.request_id, stage=request.stage + 1, flags=frame.flags,
         position=frame.position, tensor=array_to_tensor(out),
     )  # fmt: skip
+
+
+def _pool(request: _Request, frame: Frame, hidden: mx.array) -> Frame:
+    """An embedding request's chunk: its normed hidden states (1, L, D) added to the sum; the last
+    chunk answers the mean over the prompt (float32) instead of a token."""
+    total = hidden.astype(mx.float32).sum(axis=1)
+    request.pooled = total if request.pooled is None else request.pooled + total
+    request.offset += hidden.shape[1]
+    mx.eval([request.pooled] + [c.state for c in request.cache])
+    if not frame.flags & FLAG_SAMPLE:
+        return Frame(Kind.ACK, request.request_id, stage=request.stage, position=request.offset)
+    mean = request.pooled / request.offset
+    return Frame(Kind.VECTOR, request.request_id, stage=request.stage, tensor=array_to_tensor(mean))
 
 
 def _sample(request: _Request, logits: mx.array) -> Frame:
@@ -461,6 +478,9 @@ class StageServer:
             where = "has no next stage" if spec.next is None else f"continues to {spec.next}"
             return refuse(f"shard {spec.shard!r} holds layers [{shard.start}, {shard.end}) of "
                           f"{shard.num_layers}, but the route {where}")  # fmt: skip
+        if spec.embed and shard.is_last and not getattr(shard, "pools_hidden_states", False):
+            return refuse(f"shard {spec.shard!r} cannot pool hidden states for an embedding request "
+                          f"(a tensor-parallel stage answers logits only)")
         limit = self._request_limits.get(spec.shard)
         if limit is not None and (frame.request_id, frame.stage) not in self._requests \
                 and self.active_requests(spec.shard) >= limit:
@@ -475,7 +495,7 @@ class StageServer:
         request = _Request(
             request_id=frame.request_id, stage=frame.stage, shard_name=spec.shard, shard=shard,
             origin=peer, next_hop=link, sampling=spec.sampling,
-            sampler=RequestSampler(spec.sampling, model_dir=shard.path),
+            sampler=RequestSampler(spec.sampling, model_dir=shard.path), embed=spec.embed,
         )  # fmt: skip
         old = self._requests.get(request.key)
         if old is not None:
@@ -535,7 +555,7 @@ class StageServer:
             if not isinstance(out, StageError):
                 log.error("stage %s: request %x failed", self._port, request.request_id, exc_info=out)
             return self._fail(request, f"{type(out).__name__}: {out}")
-        if out.kind is not Kind.FORWARD:  # TOKEN or ACK, to the origin
+        if out.kind is not Kind.FORWARD:  # TOKEN, VECTOR or ACK, to the origin
             request.origin.send(out)
             return
         target = request.next_hop

@@ -46,6 +46,7 @@ class Kind(enum.IntEnum):
     PONG = 8
     HELLO = 9  # first frame on every connection when the server requires a token: meta = {"token"}
     ACK = 10  # last stage -> origin: a prefill chunk went through every stage (flow control)
+    VECTOR = 11  # last stage -> origin, for an embedding request: the mean of its normed hidden states
 
 
 # Wire dtype codes; numpy has no bfloat16, so bf16 travels as its raw 16-bit pattern.
@@ -144,6 +145,7 @@ class OpenRequest(BaseModel):
     shard: str
     next: StageAddress | None = None  # None: this is the last stage; it samples
     sampling: SamplingParams = SamplingParams()
+    embed: bool = False  # the last stage pools the prompt's normed hidden states instead of sampling
 
 
 class ErrorReport(BaseModel):

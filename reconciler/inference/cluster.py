@@ -84,8 +84,10 @@ class ClusterModel:
     """One deployment's handle (``ModelHandle``): its tokenizer and a route through its stages."""
 
     def __init__(self, *, tokenizer: Any, route: list[StageAddress], client: datapath.PipelineClient,
-                 context_length: int | None = None, closing: Callable[[], bool] = lambda: False) -> None:
+                 context_length: int | None = None, closing: Callable[[], bool] = lambda: False,
+                 embeddings: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.embeddings = embeddings  # the deployment serves /v1/embeddings (spec.serving.embeddings)
         self._closing = closing  # true once the node is shutting down
         self.context_length = context_length
         self.route = route
@@ -105,6 +107,17 @@ class ClusterModel:
             raise PipelineError(str(error)) from None
         finally:
             await tokens.aclose()
+
+    async def embed(self, prompt_ids: list[int]) -> list[float]:
+        """The mean of the prompt's normed last hidden states, through the pipeline."""
+        try:
+            return await self._client.embed(self.route, prompt_ids)
+        except datapath.StagesBusy as error:
+            raise NotReady(f"model busy: {error}", retry_after=BUSY_RETRY_AFTER) from None
+        except datapath.RouteError as error:
+            if self._closing():
+                raise NotReady(SHUTTING_DOWN, retry_after=RETRY_AFTER) from None
+            raise PipelineError(str(error)) from None
 
 
 class ClusterBackend:
@@ -163,7 +176,8 @@ class ClusterBackend:
         context_length = min(reserved, context_length) if context_length else reserved
         route = routes[next(self._round_robin) % len(routes)]
         return ClusterModel(tokenizer=tokenizer, route=route, client=self.client, context_length=context_length,
-                            closing=lambda: self.closing)
+                            closing=lambda: self.closing,
+                            embeddings=bool((deployment["spec"].get("serving") or {}).get("embeddings")))
 
     def _tokenizer(self, source: str, revision: str | None) -> Any:
         key = (source, revision)

@@ -131,6 +131,9 @@ class ShardModel:
         has mlx-lm's batched twin). The stage server serves a shard without it one request at a time."""
         return all(hasattr(cache, "merge") for cache in self.make_cache())
 
+    # ``forward(..., hidden=True)`` gives the normed hidden states (embedding requests pool them).
+    pools_hidden_states = True
+
     def merge_caches(self, caches: list[list[Any]]) -> list[Any]:
         """Several requests' caches as one list of mlx-lm batched caches (row i = ``caches[i]``),
         for ``forward`` with a batch of rows. Left-padded as mlx-lm's BatchGenerator does."""
@@ -145,15 +148,16 @@ class ShardModel:
         for cache in batch:
             cache.filter(rows)
 
-    def forward(self, x: mx.array, *, cache: list[Any]) -> mx.array:
+    def forward(self, x: mx.array, *, cache: list[Any], hidden: bool = False) -> mx.array:
         """Token ids (1, L) on the first stage or hidden states (1, L, D) otherwise, to hidden
-        states (1, L, D), or logits (1, L, vocab) on the last stage. Lazy: the caller evaluates."""
+        states (1, L, D), or logits (1, L, vocab) on the last stage (its normed hidden states with
+        ``hidden``: the inner model ends with the final norm). Lazy: the caller evaluates."""
         tokens = x
         if self.inlet is not None:  # the family's code runs from dummy token ids up to the inlet
             self.inlet.put(x)
             tokens = mx.zeros(x.shape[:2], dtype=mx.int32)
         try:
-            run = self.model if self.is_last else _inner(self.model, self.layout)
+            run = self.model if self.is_last and not hidden else _inner(self.model, self.layout)
             out = run(tokens, cache=cache)
         finally:
             if self.inlet is not None:

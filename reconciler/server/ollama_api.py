@@ -6,6 +6,9 @@ which is Ollama's default). Auth: role ``inference``, like /v1 (server/auth.py's
 ``options`` that change what is generated are honoured (temperature, top_p, top_k, min_p, seed,
 num_predict, stop, repeat_penalty, presence_penalty, frequency_penalty) or refused with 400;
 the runtime ones (num_ctx, num_gpu, num_thread, ...) are the deployment's business and ignored.
+``tools`` in /api/chat go the chat API's tools path (openai_tools.py): Ollama's tool calls carry
+their arguments as objects, and its tool parameters are closed (only the listed properties);
+``options.tool_choice`` (an exo extension, the OpenAI values) forces a call.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ NDJSON = "application/x-ndjson"
 OLLAMA_DEFAULT_TEMPERATURE = 0.8
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
            "num_predict": "max_tokens", "stop": "stop", "repeat_penalty": "repetition_penalty",
-           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+           "tool_choice": "tool_choice"}
 RUNTIME_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread",
                              "numa", "low_vram", "vocab_only", "num_keep"})
 REFUSED = {"images": (None, []), "tools": (None, []), "think": (None, False), "logprobs": (None, False),
@@ -62,6 +66,8 @@ def _answering_errors(handler: Callable[[web.Request], Any]) -> Callable[[web.Re
 def openai_body(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     """An Ollama chat or generate body as the OpenAI body it means (pure)."""
     for field, allowed in REFUSED.items():
+        if field == "tools" and chat:
+            continue
         if field in body and body[field] not in allowed:
             raise bad_field(field, "is not supported on the Ollama API of this server", body[field])
     translated: dict[str, Any] = {"model": body.get("model"), "stream": body.get("stream", True),
@@ -83,7 +89,9 @@ def openai_body(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     elif fmt not in (None, ""):
         raise bad_field("format", 'must be "json" or a JSON schema', fmt)
     if chat:
-        translated["messages"] = body.get("messages")
+        translated["messages"] = _chat_messages(body.get("messages"))
+        if body.get("tools") not in (None, []):
+            translated["tools"] = _closed_tools(body["tools"])
     elif body.get("raw"):
         translated["prompt"] = body.get("prompt")
     else:  # Ollama applies the model's template to a generate prompt
@@ -92,6 +100,49 @@ def openai_body(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     if "response_format" in translated and "messages" not in translated:
         raise bad_field("format", "needs raw: false (constrained output goes through the chat path)", fmt)
     return translated
+
+
+def _closed_tools(tools: Any) -> Any:
+    """Ollama's tools as OpenAI's function tools. Ollama's tool schema cannot say
+    ``additionalProperties`` (its clients drop it), so parameters take only the properties they list."""
+    if not isinstance(tools, list):
+        return tools  # the tools parser names what is wrong
+    out = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        parameters = function.get("parameters") if isinstance(function, dict) else None
+        if isinstance(parameters, dict) and parameters.get("type") == "object" and "properties" in parameters:
+            tool = {**tool, "function": {**function, "parameters": {"additionalProperties": False, **parameters}}}
+        out.append(tool)
+    return out
+
+
+def _chat_messages(messages: Any) -> Any:
+    """Ollama's messages as the chat API's: a tool call gets an id and its arguments as JSON text."""
+    if not isinstance(messages, list):
+        return messages  # the chat parser names what is wrong
+    out = []
+    for index, message in enumerate(messages):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list):
+            message = {**message, "tool_calls": [_openai_call(call, f"{index}_{n}") for n, call in enumerate(calls)]}
+        out.append(message)
+    return out
+
+
+def _openai_call(call: Any, number: str) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call  # the chat parser refuses it, naming the field
+    arguments = function.get("arguments", {})
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"call_{number}", "type": "function", "function": {**function, "arguments": text}}
+
+
+def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat API's tool calls in Ollama's shape: the function's name and arguments as an object."""
+    return [{"function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
+            for call in calls]
 
 
 class OllamaApi:
@@ -137,7 +188,8 @@ class OllamaApi:
             "modelfile": "", "parameters": "", "template": template, "modified_at": _iso(card.created),
             "details": {"format": "mlx", "family": "", "parameter_size": "", "quantization_level": ""},
             "model_info": {"general.source": card.source, "context_length": handle.context_length},
-            "capabilities": ["completion"]})
+            "capabilities": ["completion", *(["tools"] if getattr(handle.tokenizer, "has_tool_calling", False)
+                                             else [])]})
 
     def _answer(self, *, field: str) -> Callable[..., Any]:
         async def answer(request: web.Request, runs: list[Any]) -> tuple[web.StreamResponse, int | str]:
@@ -152,7 +204,8 @@ class OllamaApi:
 
             def final() -> dict[str, Any]:
                 elapsed = time.monotonic_ns() - started
-                return line("", done=True, done_reason=run.finish_reason, total_duration=elapsed, load_duration=0,
+                reason = "stop" if run.finish_reason == "tool_calls" else run.finish_reason  # Ollama's word
+                return line("", done=True, done_reason=reason, total_duration=elapsed, load_duration=0,
                             prompt_eval_count=len(run.prompt_ids), prompt_eval_duration=0,
                             eval_count=run.completion_tokens, eval_duration=elapsed)
 
@@ -166,6 +219,8 @@ class OllamaApi:
                     raise generation_failed(failure) from None
                 whole = final()
                 whole[field] = line("".join(pieces))[field]
+                if run.tool_calls:
+                    whole[field]["tool_calls"] = ollama_tool_calls(run.tool_calls)
                 return web.json_response(whole), 200
             response = web.StreamResponse(headers={"Content-Type": NDJSON})
             try:
@@ -179,6 +234,10 @@ class OllamaApi:
                     await response.write(_ndjson({"error": error.message}))
                     await response.write_eof()
                     return response, error.status
+                if run.tool_calls:  # known once the text is through, as in Ollama: their own line
+                    calls = line("")
+                    calls[field]["tool_calls"] = ollama_tool_calls(run.tool_calls)
+                    await response.write(_ndjson(calls))
                 await response.write(_ndjson(final()))
                 await response.write_eof()
             except ConnectionResetError:

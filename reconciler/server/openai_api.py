@@ -34,6 +34,7 @@ from reconciler.server.admission import Overloaded, RequestAdmission
 from reconciler.server.bodies import read_body
 from reconciler.server.errors import ApiError
 from reconciler.server.anthropic_api import add_anthropic_routes
+from reconciler.server.embeddings_api import add_embeddings_routes
 from reconciler.server.ollama_api import add_ollama_routes
 from reconciler.server.openai_errors import OpenAIError
 from reconciler.server.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs, token_logprob
@@ -75,6 +76,7 @@ def add_openai_routes(app: web.Application, *, backend: InferenceBackend, metric
     app.router.add_post("/v1/completions", _answering_errors(api.completions))
     add_ollama_routes(app, api, clock=clock)
     add_anthropic_routes(app, api)
+    add_embeddings_routes(app, api)
 
 
 def _answering_errors(handler: Handler) -> Handler:
@@ -308,7 +310,7 @@ class OpenAIApi:
                 raise bad_field("n", f"at most {self.admission.max_running} choices per request on this node",
                                 parsed.options.n)
             options = dataclasses.replace(parsed.options, params=params)
-            async with self._slot(request):
+            async with self.slot(request):
                 runs = [_Generation(handle=handle, prompt_ids=ids, options=options, max_tokens=max_tokens,
                                     observe=observe, index=index) for index in range(options.n)]
                 status: int | str = CLIENT_GONE
@@ -325,7 +327,8 @@ class OpenAIApi:
             raise
 
     @contextlib.asynccontextmanager
-    async def _slot(self, request: web.Request) -> AsyncIterator[None]:
+    async def slot(self, request: web.Request) -> AsyncIterator[None]:
+        """One of the node's generation slots for this request (429 with Retry-After when none frees)."""
         try:
             async with self.admission.slot():
                 yield

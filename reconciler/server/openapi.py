@@ -274,6 +274,20 @@ def _openai_operations() -> dict[RouteKey, Operation]:
                                            responses={"200": _ok("the model", _json(_ref("Model")))}),
         ("POST", "/v1/chat/completions"): generation("ChatCompletionRequest"),
         ("POST", "/v1/completions"): generation("CompletionRequest"),
+        ("POST", "/v1/embeddings"): _op(
+            "mean-pooled last hidden states (deployments with spec.serving.embeddings)", error=_OPENAI_ERROR,
+            responses={"200": _ok("one vector per input, in order", _json({"type": "object", "required": [
+                "object", "data", "model", "usage"]}))},
+            body={"required": True, "content": _json({"type": "object", "required": ["model", "input"],
+                  "additionalProperties": False, "properties": {
+                      "model": {"type": "string", "minLength": 1}, "user": {"type": "string"},
+                      "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                          {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                                          {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                                          {"type": "array", "minItems": 1, "items": {
+                                              "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
+                      "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+                      "dimensions": {"type": "integer", "description": "only the model's hidden size"}}})}),
         **_ollama_operations(),
         ("POST", "/v1/messages"): _op("Anthropic Messages API (text and tool use)", error={
             "description": "an error, in Anthropic's shape", "content": _json({"type": "object"})},

@@ -1,7 +1,7 @@
 """The Anthropic Messages API on the node's port: ``POST /v1/messages``, streamed (Anthropic's
 server-sent events) or not, a thin translation onto the OpenAI API's request path (the same
 parsing, bounds, admission and generation). Auth: role ``inference``, as every /v1 route
-(``Authorization: Bearer``; the SDK's ``auth_token``). Tool use goes through the chat API's
+(``Authorization: Bearer`` or the SDK's default ``x-api-key``). Tool use goes through the chat API's
 tools (openai_tools); ``thinking`` is refused with 400.
 """
 from __future__ import annotations

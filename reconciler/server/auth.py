@@ -38,6 +38,7 @@ GRANTS = {role: frozenset(ROLES[i:]) for i, role in enumerate(ROLES)}
 TOKEN_KIND = "ApiToken"   # replicated objects (kind, "", id); never served under /apis
 TOKEN_PREFIX = "exo_"
 ROOT_ID = "cluster-secret"
+ANTHROPIC_MESSAGES = "/v1/messages"
 READS = frozenset({"GET", "HEAD"})
 ALL = None
 LAST_WRITER = LAST_WRITER_ANNOTATION
@@ -162,6 +163,8 @@ def authenticate(request: web.Request, *, root: str, clock: Callable[[], float] 
     """The request's Principal, None without a recognised credential; AuthError for a token that
     is known but refused. Never echoes the presented value."""
     presented = bearer(request.headers.get("Authorization"))
+    if presented is None and request.path == ANTHROPIC_MESSAGES:  # the anthropic SDK's api_key header
+        presented = request.headers.get("x-api-key", "").strip() or None
     if presented is None:
         return None
     if hmac.compare_digest(presented.encode(), root.encode()):

@@ -25,7 +25,8 @@ def client(tmp_path_factory: pytest.TempPathFactory):
         apply(cluster.nodes[0], "tiny", Path(build_model("tiny")), strategy="Pack")
         wait_serving(cluster.nodes[0], "tiny", stages=1)
         node = cluster.nodes[0]
-        yield anthropic.Anthropic(base_url=node.api_url, auth_token=node.secret, api_key=None, max_retries=0,
+        # api_key: the SDK's default x-api-key header, as Anthropic's own API takes it
+        yield anthropic.Anthropic(base_url=node.api_url, api_key=node.secret, max_retries=0,
                                   http_client=anthropic.DefaultHttpxClient(trust_env=False, timeout=60))
     finally:
         cluster.close()

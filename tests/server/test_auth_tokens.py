@@ -116,3 +116,15 @@ async def test_each_write_records_the_writers_token_id_and_user_agent(client: Te
     response = await client.patch(MD_PATH + "/llama", data=manifest, headers={**APPLY, "User-Agent": "kubectl/1.30"})
     assert (await response.json())["metadata"]["annotations"][LAST_WRITER] == "token cluster-secret (admin); kubectl/1.30"
     assert TOKEN not in repr(annotations)
+
+
+def test_an_x_api_key_header_counts_only_on_the_anthropic_messages_route():
+    app = web.Application()
+    app[STORE] = MemoryStore()
+
+    def with_key(path: str) -> web.Request:
+        return make_mocked_request("POST", path, headers={"x-api-key": "root-secret"}, app=app,
+                                   transport=PeerTransport("127.0.0.1"))
+
+    assert authenticate(with_key("/v1/messages"), root="root-secret").role == "admin"
+    assert authenticate(with_key("/v1/chat/completions"), root="root-secret") is None

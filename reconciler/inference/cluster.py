@@ -85,8 +85,9 @@ class ClusterModel:
 
     def __init__(self, *, tokenizer: Any, route: list[StageAddress], client: datapath.PipelineClient,
                  context_length: int | None = None, closing: Callable[[], bool] = lambda: False,
-                 embeddings: bool = False) -> None:
+                 embeddings: bool = False, max_requests: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.max_requests = max_requests  # requests every stage reserved KV cache for (None: unbounded)
         self.embeddings = embeddings  # the deployment serves /v1/embeddings (spec.serving.embeddings)
         self._closing = closing  # true once the node is shutting down
         self.context_length = context_length
@@ -175,8 +176,11 @@ class ClusterBackend:
                                            context_length)
         context_length = min(reserved, context_length) if context_length else reserved
         route = routes[next(self._round_robin) % len(routes)]
+        on_route = {address.shard for address in route}
+        limits = [s["spec"]["maxRequests"] for s in self.store.list("Shard")[0]
+                  if s["metadata"]["name"] in on_route and s["spec"].get("maxRequests")]
         return ClusterModel(tokenizer=tokenizer, route=route, client=self.client, context_length=context_length,
-                            closing=lambda: self.closing,
+                            closing=lambda: self.closing, max_requests=min(limits) if limits else None,
                             embeddings=bool((deployment["spec"].get("serving") or {}).get("embeddings")))
 
     def _tokenizer(self, source: str, revision: str | None) -> Any:

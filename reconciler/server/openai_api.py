@@ -309,6 +309,11 @@ class OpenAIApi:
             if parsed.options.n > self.admission.max_running:
                 raise bad_field("n", f"at most {self.admission.max_running} choices per request on this node",
                                 parsed.options.n)
+            reserved = getattr(handle, "max_requests", None)  # the stages' KV slots (cluster models)
+            if reserved is not None and parsed.options.n > reserved:
+                raise bad_field("n", f"at most {reserved} choices per request: the deployment's stages reserve KV "
+                                     f"cache for {reserved} requests at once (spec.resources.maxConcurrentRequests)",
+                                parsed.options.n)
             options = dataclasses.replace(parsed.options, params=params)
             async with self.slot(request):
                 runs = [_Generation(handle=handle, prompt_ids=ids, options=options, max_tokens=max_tokens,

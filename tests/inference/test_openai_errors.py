@@ -106,7 +106,7 @@ async def test_a_request_without_the_cluster_key_is_401_in_openai_shape(client, 
 
 
 async def test_unknown_paths_and_wrong_methods_under_v1_answer_in_openai_shape(client):
-    await openai_error(await client.get("/v1/embeddings", headers=AUTH), 404)
+    await openai_error(await client.get("/v1/images/generations", headers=AUTH), 404)
     response = await client.get(CHAT, headers=AUTH)
     await openai_error(response, 405)
     assert "POST" in response.headers["Allow"]

@@ -39,6 +39,16 @@ async def test_more_choices_than_the_nodes_generation_slots_is_a_400(twin):  # n
     assert response.status == 400 and error["param"] == "n" and "at most 2" in error["message"]
 
 
+async def test_more_choices_than_the_stages_reserved_kv_cache_for_is_a_400(twin):  # noqa: F811
+    twin.handles["tiny"].max_requests = 2  # as a cluster model whose shards reserve 2 requests
+    async with await serve(twin, max_concurrent=8) as api:
+        response = await api.post(CHAT, headers=AUTH, json={"model": "tiny", "messages": MESSAGES, "n": 3})
+        error = (await response.json())["error"]
+        assert response.status == 400 and error["param"] == "n" and "maxConcurrentRequests" in error["message"]
+        allowed = await api.post(CHAT, headers=AUTH, json={"model": "tiny", "messages": MESSAGES, "n": 2})
+        assert allowed.status == 200, await allowed.text()
+
+
 async def test_a_failing_choice_fails_the_whole_request_with_502(client, twin):  # noqa: F811
     twin.handles["tiny"].fail_after = 2
     response = await client.post(CHAT, headers=AUTH, json={"model": "tiny", "messages": MESSAGES, "n": 2})

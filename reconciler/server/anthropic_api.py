@@ -83,7 +83,7 @@ class AnthropicApi:
                                        answer=self._answer)
 
     async def _answer(self, request: web.Request, runs: list[Any]) -> tuple[web.StreamResponse, int | str]:
-        from reconciler.server.openai_api import CLIENT_GONE, all_pieces, client_gone, generation_failed
+        from reconciler.server.openai_api import CLIENT_GONE, all_pieces, client_gone, generation_failed, whole_texts
 
         run = runs[0]
         message = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
@@ -97,14 +97,7 @@ class AnthropicApi:
             return {"stop_reason": reasons.get(run.finish_reason, "end_turn"), "stop_sequence": None}
 
         if not run.options.stream:
-            pieces = []
-            try:
-                async with contextlib.aclosing(all_pieces(runs)) as stream:
-                    async for _, piece in stream:
-                        pieces.append(piece)
-            except (PipelineError, NotReady) as failure:
-                raise generation_failed(failure) from None
-            text = "".join(pieces)
+            text = (await whole_texts(runs))[run.index]
             blocks = ([{"type": "text", "text": text}] if text or not run.tool_calls else [])
             body = {**message, "content": blocks + tool_use_blocks(run.tool_calls), **stop(),
                     "usage": {"input_tokens": len(run.prompt_ids), "output_tokens": run.completion_tokens}}

@@ -193,7 +193,7 @@ class OllamaApi:
 
     def _answer(self, *, field: str) -> Callable[..., Any]:
         async def answer(request: web.Request, runs: list[Any]) -> tuple[web.StreamResponse, int | str]:
-            from reconciler.server.openai_api import CLIENT_GONE, all_pieces, client_gone, generation_failed
+            from reconciler.server.openai_api import CLIENT_GONE, all_pieces, client_gone, generation_failed, whole_texts
 
             run, started = runs[0], time.monotonic_ns()
             model = run.options.model
@@ -210,15 +210,9 @@ class OllamaApi:
                             eval_count=run.completion_tokens, eval_duration=elapsed)
 
             if not run.options.stream:
-                pieces = []
-                try:
-                    async with contextlib.aclosing(all_pieces(runs)) as stream:
-                        async for _, piece in stream:
-                            pieces.append(piece)
-                except (PipelineError, NotReady) as failure:
-                    raise generation_failed(failure) from None
+                text = (await whole_texts(runs))[run.index]
                 whole = final()
-                whole[field] = line("".join(pieces))[field]
+                whole[field] = line(text)[field]
                 if run.tool_calls:
                     whole[field]["tool_calls"] = ollama_tool_calls(run.tool_calls)
                 return web.json_response(whole), 200

@@ -403,17 +403,26 @@ async def all_pieces(runs: list[_Generation]) -> AsyncIterator[tuple[_Generation
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _complete(request: web.Request, *, runs: list[_Generation], head: dict, shape: _Shape) -> web.Response:
+async def whole_texts(runs: list[_Generation], *, request: web.Request | None = None) -> dict[int, str] | None:
+    """Each choice's whole text by index (the non-streamed answers of every dialect); None when
+    ``request``'s client left (generation is cancelled). A failed generation is an OpenAIError."""
     pieces: dict[int, list[str]] = {run.index: [] for run in runs}
     try:
         async with contextlib.aclosing(all_pieces(runs)) as stream:
             async for run, piece in stream:
                 pieces[run.index].append(piece)
-                if client_gone(request):
-                    return web.Response(status=499)  # nobody reads it; generation is cancelled
+                if request is not None and client_gone(request):
+                    return None
     except (PipelineError, NotReady) as failure:
         raise generation_failed(failure) from None
-    choices = [shape.choice("".join(pieces[run.index]), run.finish_reason, index=run.index,
+    return {index: "".join(parts) for index, parts in pieces.items()}
+
+
+async def _complete(request: web.Request, *, runs: list[_Generation], head: dict, shape: _Shape) -> web.Response:
+    texts = await whole_texts(runs, request=request)
+    if texts is None:
+        return web.Response(status=499)  # nobody reads it; generation is cancelled
+    choices = [shape.choice(texts[run.index], run.finish_reason, index=run.index,
                             logprobs=run.take_logprobs(shape), tool_calls=run.tool_calls) for run in runs]
     body = {**head, "object": shape.object, "choices": choices,
             "usage": usage(len(runs[0].prompt_ids), sum(run.completion_tokens for run in runs))}

@@ -22,14 +22,15 @@ from mlx_lm.utils import load_model
 
 from bench.report import print_table
 from reconciler.datapath import PipelineClient, StageAddress, StageServer
-from reconciler.datapath.wire import Frame, Kind, Tensor, open_connection, read_frame, set_nodelay, write_frame
+from reconciler.datapath.wire import DataPathTLS, Frame, Kind, Tensor, open_connection, read_frame, set_nodelay, write_frame
 from reconciler.runtime import open_shard
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]
 
 
-def start_echo_server() -> tuple[int, asyncio.AbstractEventLoop]:
-    """A frame echo server on its own thread and event loop (the far end of one hop)."""
+def start_echo_server(tls: DataPathTLS | None = None) -> int:
+    """A frame echo server on its own thread and event loop (the far end of one hop), over TLS
+    when ``tls`` is given; its port."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     port: list[int] = []
@@ -43,18 +44,20 @@ def start_echo_server() -> tuple[int, asyncio.AbstractEventLoop]:
             writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=tls.server if tls else None)
         port.append(server.sockets[0].getsockname()[1])
         ready.set()
         await asyncio.Event().wait()
 
     threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True).start()
     ready.wait()
-    return port[0], loop
+    return port[0]
 
 
-async def hop_round_trip_ms(port: int, *, hidden: int, rows: int, count: int) -> list[float]:
-    reader, writer = await open_connection("127.0.0.1", port, timeout_s=3)
+async def hop_round_trip_ms(port: int, *, hidden: int, rows: int, count: int,
+                            tls: DataPathTLS | None = None) -> list[float]:
+    """Echo round trips of a bf16 [1, rows, hidden] frame, in ms (after 50 warm-up ones)."""
+    reader, writer = await open_connection("127.0.0.1", port, timeout_s=3, tls=tls)
     frame = Frame(Kind.FORWARD, 1, tensor=Tensor("bfloat16", (1, rows, hidden), bytes(rows * hidden * 2)))
     times = []
     for i in range(count + 50):
@@ -163,7 +166,7 @@ async def main() -> None:
     config = json.loads((model_path / "config.json").read_text())
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
 
-    port, _ = start_echo_server()
+    port = start_echo_server()
     hops = []
     for label, size, rows in ((f"1 x {hidden} (tiny)", hidden, 1), ("1 x 2048", 2048, 1), ("512 x 2048 (prefill)", 2048, 512)):
         count = pings if rows == 1 else prefill_pings

@@ -11,14 +11,13 @@ import argparse
 import asyncio
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from bench.pipeline_hops import hop_round_trip_ms, start_echo_server
 from bench.report import print_table
 from reconciler.datapath import PipelineClient, StageServer
-from reconciler.datapath.wire import (DataPathTLS, Frame, Kind, Tensor, open_connection, read_frame, set_nodelay,
-                                      write_frame)
+from reconciler.datapath.wire import DataPathTLS
 from reconciler.tls import ClusterCA, ensure_node_certificate
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -29,44 +28,9 @@ def make_tls(root: Path) -> DataPathTLS:
                                    hosts=["127.0.0.1"]).data_path(loopback=True)
 
 
-def start_echo_server(tls: DataPathTLS | None) -> int:
-    """A frame echo server (the far end of one hop) on its own thread and event loop."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port: list[int] = []
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        set_nodelay(writer)
-        try:
-            while True:
-                write_frame(writer, await read_frame(reader))
-        except ConnectionError:
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=tls.server if tls else None)
-        port.append(server.sockets[0].getsockname()[1])
-        ready.set()
-        await asyncio.Event().wait()
-
-    threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True).start()
-    ready.wait()
-    return port[0]
-
-
 async def hop_ms(port: int, tls: DataPathTLS | None, *, hidden: int, rows: int, count: int) -> float:
     """Median one-way time of a bf16 [1, rows, hidden] frame: half an echo round trip."""
-    reader, writer = await open_connection("127.0.0.1", port, timeout_s=3, tls=tls)
-    frame = Frame(Kind.FORWARD, 1, tensor=Tensor("bfloat16", (1, rows, hidden), bytes(rows * hidden * 2)))
-    times = []
-    for i in range(count + 50):
-        started = time.perf_counter()
-        write_frame(writer, frame)
-        await read_frame(reader)
-        if i >= 50:
-            times.append((time.perf_counter() - started) * 1e3 / 2)
-    writer.close()
-    return statistics.median(times)
+    return statistics.median(await hop_round_trip_ms(port, hidden=hidden, rows=rows, count=count, tls=tls)) / 2
 
 
 async def decode_tps(model: Path, tls: DataPathTLS | None, tokens: int) -> float:

@@ -166,7 +166,8 @@ class ClusterBackend:
             raise KeyError(model)
         if self.closing:
             raise NotReady(SHUTTING_DOWN, retry_after=RETRY_AFTER)
-        routes = ready_routes(deployment, self.store.list("Shard")[0])
+        all_shards = self.store.list("Shard")[0]
+        routes = ready_routes(deployment, all_shards)
         if not routes:
             raise NotReady(f"model {model!r} is not ready: {_not_ready_reason(deployment)}", retry_after=RETRY_AFTER)
         spec = deployment["spec"]["model"]
@@ -177,7 +178,7 @@ class ClusterBackend:
         context_length = min(reserved, context_length) if context_length else reserved
         route = routes[next(self._round_robin) % len(routes)]
         on_route = {address.shard for address in route}
-        limits = [s["spec"]["maxRequests"] for s in self.store.list("Shard")[0]
+        limits = [s["spec"]["maxRequests"] for s in all_shards
                   if s["metadata"]["name"] in on_route and s["spec"].get("maxRequests")]
         return ClusterModel(tokenizer=tokenizer, route=route, client=self.client, context_length=context_length,
                             closing=lambda: self.closing, max_requests=min(limits) if limits else None,

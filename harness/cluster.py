@@ -105,6 +105,7 @@ class ExoProcess:
     peers: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
     discovery: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # environment of this node's process, over the test's own
     log_path: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -151,7 +152,7 @@ class ExoProcess:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
-        env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"}
+        env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"} | dict(self.env)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"--- start: {' '.join(self.command())}\n".encode())
@@ -227,7 +228,7 @@ class Cluster:
 
     def add_node(self, *, secret: str | None = None, peers: Sequence[str] | None = None,
                  extra_args: Sequence[str] = (), start: bool = True, wait: bool = True,
-                 discovery: bool = False) -> ExoProcess:
+                 discovery: bool = False, env: dict[str, str] | None = None) -> ExoProcess:
         """A new node joining via node0 (``--peers``), or with ``discovery=True`` one that finds
         the cluster over mDNS on 127.0.0.1 (no ``--peers`` unless given)."""
         index = len(self.nodes)
@@ -236,7 +237,8 @@ class Cluster:
         node = ExoProcess(index=index, name=f"node{index}", data_dir=self.root / f"node{index}",
                           api_port=free_port_block(self.taken_ports),
                           secret=self.secret if secret is None else secret,
-                          peers=tuple(peers), extra_args=tuple(extra_args), discovery=discovery)
+                          peers=tuple(peers), extra_args=tuple(extra_args), discovery=discovery,
+                          env=tuple((env or {}).items()))
         self.nodes.append(node)
         if start:
             node.start()

@@ -152,11 +152,25 @@ class NodeCompute(Frozen):
     matmulMs: dict[str, float] = Field(default_factory=dict, description="the start-up matmuls, per dtype")
 
 
+class CachedModel(Frozen):
+    """A model whose files this node holds: an original copy (a local path or the Hugging Face cache),
+    or the parts of it its Shards fetched into the node's model cache."""
+    name: str = Field(description="the model's ModelInfo name")
+    source: str
+    revision: str | None = None
+    bytes: int = Field(default=0, ge=0, description="on this node's disk")
+    complete: bool = Field(default=False, description="every file of the model, not only some layers")
+    parts: list[str] = Field(default_factory=list, description="what a partial copy holds: layer ranges "
+                             "(\"0-5\"), embedding, lm_head, head")
+    lastUsed: str | None = Field(default=None, description="when a Shard last loaded from it (RFC 3339)")
+
+
 class NodeStatus(Frozen):
     role: Literal["leader", "follower", "unknown"] = "unknown"
     capacity: NodeCapacity = Field(default_factory=NodeCapacity)
     allocatable: NodeCapacity = Field(default_factory=NodeCapacity)
     compute: NodeCompute = Field(default_factory=NodeCompute)
+    cachedModels: list[CachedModel] = Field(default_factory=list)
     version: str = ""
     renewTime: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -231,9 +245,12 @@ class ShardSpec(Frozen):
 
 
 class ShardStatus(Frozen):
-    phase: Literal["Pending", "Loading", "Ready", "Failed"] = "Pending"
+    phase: Literal["Pending", "Downloading", "Loading", "Ready", "Failed"] = "Pending"
     progress: float = 0.0
     bytesLoaded: int = 0
+    bytesDownloaded: int = Field(default=0, ge=0, description="Downloading: bytes of this stage's weights fetched")
+    bytesToDownload: int = Field(default=0, ge=0, description="Downloading: bytes this node lacked when it started")
+    downloadRate: float = Field(default=0.0, ge=0, description="Downloading: bytes per second lately")
     message: str = ""
     dataEndpoint: str | None = None
     observedGeneration: int | None = None

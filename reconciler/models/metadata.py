@@ -105,14 +105,56 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
     """Measure a local model directory (config.json + safetensors headers); no weight is read."""
     path = Path(path)
     config = read_config(path)
+    headers = [(str(file), read_safetensors_header(file)) for file in safetensors_files(path)]
+    return profile_from_headers(config, headers, name=name or path.name, where=path)
+
+
+def tensor_part(tensor: str, *, num_layers: int) -> str | int | None:
+    """Which part of a model a checkpoint tensor belongs to: its layer index, "embedding", "lm_head",
+    "head" (final norm and anything else outside the layer stack), or None for tensors mlx-lm does
+    not load. Raises ValueError for a layer index beyond ``num_layers``."""
+    if tensor == "__metadata__" or tensor.startswith(_NOT_LOADED):
+        return None
+    if match := _LAYER.search(tensor):
+        index = int(match.group(1))
+        if index >= num_layers:
+            raise ValueError(f"tensor {tensor!r} is in layer {index}, but config.json says num_hidden_layers={num_layers}")
+        return index
+    if "embed_tokens" in tensor:
+        return "embedding"
+    if _LM_HEAD.search(tensor):
+        return "lm_head"
+    return "head"
+
+
+def is_tied(config: dict[str, Any], *, has_lm_head: bool) -> bool:
+    """Tied the way mlx-lm decides: the config's flag where it has one, else no lm_head in the files
+    (gemma3's configs carry no flag). A tied model's lm_head in the files is dropped at load."""
     text = _text_config(config)
-    num_layers = _int_field(text, "num_hidden_layers", path / "config.json")
+    flag = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    return bool(flag) if flag is not None else not has_lm_head
+
+
+def num_layers_of(config: dict[str, Any], *, where: object = "config.json") -> int:
+    return _int_field(_text_config(config), "num_hidden_layers", where)
+
+
+def profile_from_headers(config: dict[str, Any], headers: list[tuple[str, dict[str, Any]]], *, name: str,
+                         where: object = "config.json") -> ModelProfile:
+    """A model's profile from its config and the JSON headers of its safetensors files, given as
+    (file label, header) pairs: from a local directory, or read off a hub (see ``model_info``)."""
+    text = _text_config(config)
+    num_layers = num_layers_of(config, where=where)
     layer_bytes = [0] * num_layers
     embedding = head = lm_head = 0
     float_bytes: dict[str, int] = {}
-    for file in safetensors_files(path):
-        for tensor, info in read_safetensors_header(file).items():
-            if tensor == "__metadata__" or tensor.startswith(_NOT_LOADED):
+    for file, header in headers:
+        for tensor, info in header.items():
+            try:
+                part = tensor_part(tensor, num_layers=num_layers)
+            except ValueError as error:
+                raise ModelMetadataError(f"{file}: {error}") from None
+            if part is None:
                 continue
             try:
                 begin, end = info["data_offsets"]
@@ -121,25 +163,17 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
                 raise ModelMetadataError(f"{file}: tensor {tensor!r} has no valid data_offsets") from None
             if (dtype := _SAFETENSORS_DTYPES.get(info.get("dtype", ""))) is not None:
                 float_bytes[dtype] = float_bytes.get(dtype, 0) + size
-            if match := _LAYER.search(tensor):
-                index = int(match.group(1))
-                if index >= num_layers:
-                    raise ModelMetadataError(
-                        f"{file}: tensor {tensor!r} is in layer {index}, but config.json says num_hidden_layers={num_layers}"
-                    )
-                layer_bytes[index] += size
-            elif "embed_tokens" in tensor:
+            if isinstance(part, int):
+                layer_bytes[part] += size
+            elif part == "embedding":
                 embedding += size
-            elif _LM_HEAD.search(tensor):
+            elif part == "lm_head":
                 lm_head += size
-            else:  # final norm, anything else outside the layer stack
+            else:
                 head += size
     if missing := [i for i, size in enumerate(layer_bytes) if size == 0]:
-        raise ModelMetadataError(f"{path}: no weights found for layer(s) {_ranges(missing)} of {num_layers}")
-    # Tied the way mlx-lm decides: the config's flag where it has one, else no lm_head in the files
-    # (gemma3's configs carry no flag). A tied model's lm_head in the files is dropped at load.
-    flag = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
-    tied = bool(flag) if flag is not None else lm_head == 0
+        raise ModelMetadataError(f"{where}: no weights found for layer(s) {_ranges(missing)} of {num_layers}")
+    tied = is_tied(config, has_lm_head=lm_head > 0)
     head += 0 if tied else lm_head
     quantization = config.get("quantization") or config.get("quantization_config") or {}
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
@@ -150,15 +184,15 @@ def profile_from_directory(path: Path, *, name: str | None = None) -> ModelProfi
     else:
         dtype = _TORCH_DTYPES.get(str(text.get("torch_dtype") or config.get("torch_dtype")), "bfloat16")
     return ModelProfile(
-        name=name or path.name,
+        name=name,
         num_layers=num_layers,
         layer_bytes=layer_bytes,
         embedding_bytes=embedding,
         head_bytes=head,
         total_bytes=sum(layer_bytes) + embedding + head,
         dtype=dtype,
-        hidden_size=_int_field(text, "hidden_size", path / "config.json"),
-        vocab_size=_int_field(text, "vocab_size", path / "config.json"),
+        hidden_size=_int_field(text, "hidden_size", where),
+        vocab_size=_int_field(text, "vocab_size", where),
         tie_word_embeddings=tied,
         quantization_bits=int(bits) if bits else None,
         quantization_group_size=int(quantization.get("group_size", DEFAULT_GROUP_SIZE)) if bits else None,

@@ -240,7 +240,8 @@ class StageServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = 3.0,
                  token: str | None = None, max_buffered_bytes: int = DEFAULT_BUFFER_BOUND,
-                 tls: DataPathTLS | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
+                 tls: DataPathTLS | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 weights: Any = None) -> None:
         if max_buffered_bytes < 1:
             raise ValueError(f"max_buffered_bytes: must be positive, got {max_buffered_bytes}")
         if max_batch_size < 1:
@@ -254,6 +255,7 @@ class StageServer:
         self._batch_limits: dict[str, int] = {}  # shard -> its own max batch size (spec), if set
         self._token = token  # when set, every connection must open with a HELLO carrying it
         self._tls = tls  # when set, the port accepts TLS only (and links use it off loopback)
+        self.weights = weights  # a reconciler.weights.peer.WeightServer: answers WEIGHTS_GET frames
         self._port = port
         self._connect_timeout_s = connect_timeout_s
         self._shards: dict[str, ShardModel] = {}
@@ -459,6 +461,8 @@ class StageServer:
                 self._end(request)
         elif frame.kind is Kind.PING:
             peer.send(Frame(Kind.PONG, frame.request_id))
+        elif frame.kind is Kind.WEIGHTS_GET and self.weights is not None:
+            await self.weights.serve(frame, send=peer.send, drain=peer.writer.drain)
         else:
             raise WireError(f"a stage does not accept {frame.kind.name} frames")
 

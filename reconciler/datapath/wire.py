@@ -47,6 +47,9 @@ class Kind(enum.IntEnum):
     HELLO = 9  # first frame on every connection when the server requires a token: meta = {"token"}
     ACK = 10  # last stage -> origin: a prefill chunk went through every stage (flow control)
     VECTOR = 11  # last stage -> origin, for an embedding request: the mean of its normed hidden states
+    WEIGHTS_GET = 12  # node -> peer: meta = {"model", "tensor", "offset", "length"}: a range of a tensor's bytes
+    WEIGHTS_DATA = 13  # peer -> node, same request id: the bytes as a uint8 tensor
+    WEIGHTS_REFUSED = 14  # peer -> node, same request id: meta = {"message", "missing"} (missing: not held here)
 
 
 # Wire dtype codes; numpy has no bfloat16, so bf16 travels as its raw 16-bit pattern.
@@ -56,6 +59,7 @@ DTYPES: dict[str, tuple[int, int]] = {  # name -> (code, item size)
     "float32": (3, 4),
     "int32": (4, 4),
     "uint32": (5, 4),
+    "uint8": (6, 1),  # raw bytes (weight ranges)
 }
 DTYPE_NAMES = {code: name for name, (code, _) in DTYPES.items()}
 

@@ -84,8 +84,23 @@ def node_memory(obj: dict[str, Any]) -> str:
     return f"{format_bytes(free)}/{format_bytes(total)}"
 
 
+def format_rate(bytes_per_s: float) -> str:
+    """A transfer rate in the binary units of the byte columns: ``12.5MiB/s``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.1f}{unit}/s"
+    return f"{int(bytes_per_s)}B/s"
+
+
 def shard_progress(obj: dict[str, Any]) -> str:
+    """``40%`` of the weights loaded; while Downloading, ``42% 12.5MiB/s`` of the bytes fetched."""
     phase = dig(obj, "status", "phase", default="Pending")
+    if phase == "Downloading":
+        done = int(dig(obj, "status", "bytesDownloaded", default=0) or 0)
+        total = int(dig(obj, "status", "bytesToDownload", default=0) or 0)
+        rate = float(dig(obj, "status", "downloadRate", default=0.0) or 0.0)
+        percent = f"{min(100, done * 100 // total)}%" if total else "0%"
+        return f"{percent} {format_rate(rate)}" if rate > 0 else percent
     progress = float(dig(obj, "status", "progress", default=0.0) or 0.0)
     if phase == "Ready":
         progress = max(progress, 1.0)

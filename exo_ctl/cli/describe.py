@@ -86,6 +86,22 @@ def event_lines(events: list[dict[str, Any]], *, now: float) -> list[str]:
     return ["Events:", *_table(rows)]
 
 
+def cached_model_lines(models: list[dict[str, Any]], *, now: float) -> list[str]:
+    """A node's Cached Models table: source, revision, bytes on disk, whether it holds every file
+    (``complete``) or which parts, and how long ago a Shard last loaded from it."""
+    if not models:
+        return [f"Cached Models:  {printers.NONE}"]
+    rows = [["SOURCE", "REVISION", "SIZE", "HOLDS", "LAST USED"]]
+    for model in sorted(models, key=lambda m: (str(m.get("source")), str(m.get("revision")))):
+        holds = "complete" if model.get("complete") else ", ".join(model.get("parts") or []) or printers.NONE
+        used = printers.parse_timestamp(model.get("lastUsed"))
+        rows.append([_scalar(model.get("source") or model.get("name")), _scalar(model.get("revision")),
+                     format_bytes(int(model.get("bytes") or 0)), holds,
+                     printers.NONE if used is None else printers.short_duration(now - used) + " ago"])
+    total = sum(int(m.get("bytes") or 0) for m in models)
+    return [f"Cached Models:  {len(models)}, {format_bytes(total)} on disk", *_table(rows)]
+
+
 def describe(obj: dict[str, Any], *, now: float, events: list[dict[str, Any]] | None = None) -> str:
     """The whole description of one object, with its recent events (None: not fetched)."""
     meta = obj.get("metadata") or {}
@@ -112,8 +128,11 @@ def describe(obj: dict[str, Any], *, now: float, events: list[dict[str, Any]] | 
     status = dict(obj.get("status") or {})
     conditions = status.pop("conditions", None) or []
     shards = status.pop("shards", None) if obj.get("kind") == "ModelDeployment" else None
+    cached = status.pop("cachedModels", None) if obj.get("kind") == "Node" else None
     if status:
         lines += render_value("status", status, 0)
+    if cached is not None:
+        lines += cached_model_lines(cached, now=now)
     if shards:
         lines.append("Shards:")
         rows = [["REPLICA", "INDEX", "NODE", "LAYERS", "PHASE"]]

@@ -10,6 +10,7 @@ from typing import Any
 
 
 REVISION_LABEL = "exo.dev/placement-revision"  # a later placement, made before the older one is removed
+WAITING_REASONS = ("ResolvingModel",)  # problems that resolve by themselves: progressing, not stalled
 
 
 def placement_revision(shard: dict[str, Any]) -> int:
@@ -74,7 +75,7 @@ def deployment_status(*, deployment: dict[str, Any], shards: list[dict[str, Any]
         ready_reason, message = "AllShardsReady", f"{ready_replicas}/{desired} replicas ready"
 
     ready = ready_replicas >= desired and not problem
-    stalled = bool(problem or failed)
+    stalled = bool((problem and problem[0] not in WAITING_REASONS) or failed)
     progressing = not ready and not stalled
     degraded = stalled or (0 < ready_replicas < desired)
     args = {"generation": generation, "previous": previous, "now": now}

@@ -28,6 +28,10 @@ class Controller(ABC):
     def stop(self) -> None:
         """Called when the controller stops running (also when leadership is lost)."""
 
+    def request_pass(self) -> None:
+        """Ask for another pass soon: for work the controller finished outside a pass (a thread,
+        a background read) whose result no store change announces. Set by the manager."""
+
 
 ReconcileObserver = Callable[[str, str, float], None]  # (controller, result, seconds)
 
@@ -45,6 +49,8 @@ class ControllerManager:
         self._tasks: list[asyncio.Task] = []
         self._last_revision = store.revision
         self._unsubscribe: Callable[[], None] | None = None
+        for controller in controllers:
+            controller.request_pass = self._wake[controller.name].set  # type: ignore[method-assign]
 
     def queue_depth(self) -> int:
         return sum(1 for event in self._wake.values() if event.is_set())
@@ -94,9 +100,10 @@ class ControllerManager:
             was_active = active
             if not active:
                 wake.clear()  # changes seen while a follower are covered by the pass on election
-            try:
-                await asyncio.wait_for(wake.wait(), poll)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (stop() hangs)
+                async with asyncio.timeout(poll):
+                    await wake.wait()
+            except TimeoutError:
                 continue
             if not self._active(controller):
                 continue

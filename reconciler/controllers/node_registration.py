@@ -1,15 +1,22 @@
-"""Every node writes its own Node object (address, ports, capacity) and renews its Lease through
-the store about once a second; the leader's node-lifecycle controller judges liveness from it."""
+"""Every node writes its own Node object (address, ports, capacity, the models it holds on disk)
+and renews its Lease through the store about once a second; the leader's node-lifecycle
+controller judges liveness from it. The models held (``status.cachedModels``, from a callable
+the node's weight supply answers) are looked at on every renewal and written only when they
+change, so a quiet node adds no Raft writes."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from pydantic import ValidationError
+
+from exo_ctl.api.resources import CachedModel
 
 from reconciler.controllers.node_lifecycle import LEASE
 from reconciler.store.base import Store, StoreError, StoreUnavailable, make_command, utcnow_iso
@@ -73,9 +80,11 @@ class NodeRegistrar:
     """Keeps this node's Node object current and its Lease renewed."""
 
     def __init__(self, *, store: Store, identity: NodeIdentity, lease_interval: float = 1.0,
-                 status_interval: float = 10.0) -> None:
+                 status_interval: float = 10.0, cached_models: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.store, self.identity = store, identity
         self.lease_interval, self.status_interval = lease_interval, status_interval
+        self.cached_models = cached_models
+        self._models: list[dict[str, Any]] | None = None  # what status.cachedModels was last written as
         self._task: asyncio.Task | None = None
         self.renewals = 0
         self.available_at_start = psutil.virtual_memory().available
@@ -93,8 +102,10 @@ class NodeRegistrar:
         last_status = float("-inf")
         while True:
             try:
-                if loop.time() - last_status >= self.status_interval or self.store.get(("Node", "", self.identity.name)) is None:
-                    await self.register()
+                models = await self._held_models()
+                if loop.time() - last_status >= self.status_interval or models != self._models \
+                        or self.store.get(("Node", "", self.identity.name)) is None:
+                    await self.register(models=models)
                     last_status = loop.time()
                 await self.renew_lease()
             except (StoreUnavailable, StoreError) as error:
@@ -103,9 +114,28 @@ class NodeRegistrar:
                 log.exception("node registration failed")
             await asyncio.sleep(self.lease_interval)
 
-    async def register(self) -> None:
-        """Create or update the Node: spec and labels from flags, capacity measured now; the
-        leader-owned parts of status (conditions, role) are kept."""
+    async def _held_models(self) -> list[dict[str, Any]] | None:
+        """The CachedModel dicts of this node now (None without a source of them). Off the event
+        loop: the weight supply reads its cache directory's records."""
+        if self.cached_models is None:
+            return None
+        try:
+            listed = await asyncio.to_thread(self.cached_models)
+        except Exception:  # noqa: BLE001 — the lease must be renewed whatever the cache does
+            log.exception("node registration: listing the cached models failed")
+            return self._models
+        models = []
+        for entry in listed:
+            try:  # what every reader of Node validates: one bad entry must not make the Node unreadable
+                models.append(CachedModel.model_validate(entry).model_dump(mode="json", exclude_none=True))
+            except ValidationError as error:
+                log.warning("node registration: not listing cached model %r: %s", entry, error.errors()[0]["msg"])
+        return sorted(models, key=lambda m: m["name"])
+
+    async def register(self, *, models: list[dict[str, Any]] | None = None) -> None:
+        """Create or update the Node: spec and labels from flags, capacity measured now, the
+        models held (``models``, when known); the leader-owned parts of status (conditions,
+        role) are kept."""
         key = ("Node", "", self.identity.name)
         desired = node_object(self.identity)
         live = self.store.get(key)
@@ -128,12 +158,15 @@ class NodeRegistrar:
             # and retry at once, so a new Node does not sit without capacity until next time.
             status = dict(live.get("status") or {})
             wanted = {**status, "capacity": cap, "allocatable": alloc, "version": self.identity.version,
-                      **({"compute": self.identity.compute} if self.identity.compute else {})}
+                      **({"compute": self.identity.compute} if self.identity.compute else {}),
+                      **({"cachedModels": models} if models is not None else {})}
             if wanted == status:
+                self._models = models
                 return
             try:
                 await self.store.submit(make_command("status", key, body={"status": wanted},
                                                      expected_rv=live["metadata"]["resourceVersion"]))
+                self._models = models
                 return
             except StoreError as error:
                 fresh = self.store.get(key)

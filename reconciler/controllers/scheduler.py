@@ -10,6 +10,12 @@ placement is written as a new placement revision (new Shard names, ``-vN``, and 
 ``exo.dev/placement-revision`` label) beside the old one, which routes keep using until the new
 one is whole and Ready; then the old one is deleted (its streams in flight finish on it). Without
 the room, or when the serving placement has lost a node, shards are moved in place as before.
+
+The model's sizes come only from its ModelInfo in the replicated state, so every leader plans
+alike after a failover. Without one, the leader writes it from its own copy's headers when it has
+the model on disk, else reads it from the Hugging Face hub in the background (one read per source
+at a time; the deployment says ResolvingModel meanwhile), else waits for a node that has the
+model to publish it (``reconciler.controllers.model_info``), saying so in the Ready condition.
 """
 from __future__ import annotations
 
@@ -25,9 +31,12 @@ from typing import Any
 from exo_ctl.api.resources import ModelDeployment, Node, Shard, TensorGroup, TensorPeer
 from reconciler.controllers.deployment_status import REVISION_LABEL, deployment_status, placement_revision
 from reconciler.controllers.manager import Controller
-from reconciler.models.catalog import resolve_profile, split_refusal_of
+from reconciler.controllers.model_info import LocalInfo, create_model_info, local_model_info, stored_model_info
+from reconciler.models.catalog import info_profile, split_refusal_of
+from reconciler.models.hub import hub_model_info, hub_usable
 from reconciler.models.metadata import ModelMetadataError, ModelProfile
-from reconciler.runtime.tensor_group import ring_ports, tensor_refusal_of
+from reconciler.models.model_info import MODEL_INFO_KIND, ModelInfoSpec, model_info_name
+from reconciler.runtime.tensor_group import ring_ports, tensor_refusal
 from reconciler.scheduler.placement import PlacementPlan, deployment_key, node_is_ready, place, room_for_both
 from reconciler.server.events import placement_message, record_event
 from reconciler.store.base import Store, StoreError, make_command, utcnow_iso
@@ -36,7 +45,9 @@ log = logging.getLogger(__name__)
 PROFILE_RETRY_SECONDS = 5.0
 # Ready reasons of problems the scheduler looks at again after a pause (the files may be fixed).
 RETRIED_REASONS = ("ModelNotFound", "InvalidModelConfig", "InvalidModelFiles", "UnsupportedDtype",
-                   "UnsplittableModel", "ShardNameConflict", "TensorParallelUnsupported")
+                   "UnsplittableModel", "ShardNameConflict", "TensorParallelUnsupported", "ModelAccessDenied",
+                   "HubUnreachable", "ResolvingModel")
+Problem = tuple[str, str]  # (Ready condition reason, message)
 
 
 MAX_NAME = 253  # a DNS-1123 subdomain
@@ -133,46 +144,114 @@ def _same(a: Any, b: Any) -> bool:
 
 class SchedulerController(Controller):
     name = "scheduler"
-    watches = ("ModelDeployment", "Node", "Shard")
+    watches = ("ModelDeployment", "Node", "Shard", MODEL_INFO_KIND)
     leader_only = True
     resync_seconds = 30.0
 
-    def __init__(self, *, store: Store, clock: Callable[[], float] = time.monotonic,
-                 profile_resolver: Callable[..., ModelProfile] = resolve_profile,
-                 split_check: Callable[..., str | None] = split_refusal_of) -> None:
-        self.store = store
-        self.clock = clock
-        self.resolve = profile_resolver
-        self.split_check = split_check
-        self._profiles: dict[tuple[str, str | None, str | None, int], tuple[float, ModelProfile | tuple[str, str]]] = {}
+    def __init__(self, *, store: Store, clock: Callable[[], float] = time.monotonic, node_name: str = "leader",
+                 local_info: LocalInfo = local_model_info,
+                 hub_info: Callable[..., ModelInfoSpec] = hub_model_info,
+                 hub_ready: Callable[[], bool] = hub_usable) -> None:
+        self.store, self.clock, self.node_name = store, clock, node_name
+        self.local_info, self.hub_info, self.hub_ready = local_info, hub_info, hub_ready
+        # Per (ModelInfo name, uid, dtype, tensor ranks): the profile, or why it cannot be placed.
+        self._profiles: dict[tuple[str, str | None, str | None, int], ModelProfile | Problem] = {}
+        self._missing: dict[tuple[str, str | None], tuple[float, Problem]] = {}  # no ModelInfo: why, since when
+        self._hub_reads: dict[str, asyncio.Task[None]] = {}  # per source: one hub read at a time
+        self._reads_done: dict[tuple[str, str | None], int] = {}  # hub reads finished, per model (wakes its pass)
         # Inputs of each settled deployment, and until when they count as settled.
         self._inputs: dict[tuple[str, str | None], tuple[tuple[Any, ...], float]] = {}
         self._last_full_pass = float("-inf")
 
     def stop(self) -> None:
+        for task in self._hub_reads.values():
+            task.cancel()
+        self._hub_reads.clear()
         self._profiles.clear()
+        self._missing.clear()
         self._inputs.clear()
 
-    async def profile(self, deployment: ModelDeployment) -> ModelProfile | tuple[str, str]:
-        """The model's profile, or (reason, message) when it cannot be read or split (looked at
-        again after a few seconds). Read off the event loop: file headers, and mlx-lm's own
-        classes to tell whether a model on disk can be split."""
+    async def profile(self, deployment: ModelDeployment) -> ModelProfile | Problem:
+        """The model's profile from its ModelInfo, or (reason, message) when there is none yet or
+        it cannot be split. Read off the event loop: mlx-lm's own classes tell whether the model
+        can be split (and sharded over its tensor ranks)."""
         model, tensor = deployment.spec.model, deployment.spec.parallelism.tensor
-        key = (model.source, model.dtype, model.revision, tensor)
-        cached = self._profiles.get(key)
-        if cached and (isinstance(cached[1], ModelProfile) or self.clock() - cached[0] < PROFILE_RETRY_SECONDS):
-            return cached[1]
-        result = await asyncio.to_thread(self._read_model, model.source, dtype=model.dtype, revision=model.revision,
-                                         tensor=tensor)
-        self._profiles[key] = (self.clock(), result)
-        return result
+        info = await self.model_info(model.source, model.revision)
+        if not isinstance(info[0], ModelInfoSpec):
+            return info  # type: ignore[return-value]
+        spec, uid = info
+        key = (model_info_name(model.source, model.revision), uid, model.dtype, tensor)
+        if (cached := self._profiles.get(key)) is None:
+            cached = await asyncio.to_thread(self._plan_inputs, spec, dtype=model.dtype, tensor=tensor)
+            self._profiles[key] = cached
+        return cached
 
-    def _read_model(self, source: str, *, dtype: str | None, revision: str | None,
-                    tensor: int = 1) -> ModelProfile | tuple[str, str]:
+    async def model_info(self, source: str, revision: str | None) -> tuple[ModelInfoSpec, str | None] | Problem:
+        """(the ModelInfo, its uid), writing it from this node's copy when it has one; else why
+        there is none yet (a hub read started in the background, or no node and no hub has it)."""
+        stored = stored_model_info(self.store, source, revision)
+        if stored is not None:
+            self._missing.pop((source, revision), None)
+            return stored[0], stored[1]["metadata"].get("uid")
+        key = (source, revision)
+        missing = self._missing.get(key)
+        reading = self._hub_reads.get(source)
+        if missing is not None and (self.clock() - missing[0] < PROFILE_RETRY_SECONDS
+                                    or (reading is not None and not reading.done())):
+            return missing[1]
+        if reading is not None and not reading.done():
+            return ("ResolvingModel", f"reading the metadata of {source} from the Hugging Face hub")
         try:
-            profile = self.resolve(source, dtype=dtype, revision=revision)
-            refusal = self.split_check(source, revision=revision, num_layers=profile.num_layers)
-            unsharded = tensor_refusal_of(source, revision=revision, ranks=tensor) if not refusal else None
+            spec = await asyncio.to_thread(self.local_info, source, revision, node_name=self.node_name, digests=False)
+        except ModelMetadataError as error:
+            return self._miss(key, (error.reason, str(error)))
+        if spec is not None:  # the leader's own copy: its headers, at once (a publisher adds digests later)
+            await create_model_info(self.store, spec)
+            stored = stored_model_info(self.store, source, revision)
+            return (stored[0], stored[1]["metadata"].get("uid")) if stored is not None else (spec, None)
+        if not source.startswith("hf://"):
+            return self._miss(key, ("ModelNotFound", f"model {source!r}: no such local directory on any node "
+                                                     f"(use hf://ORG/NAME for a Hugging Face model)"))
+        if not self.hub_ready():
+            return self._miss(key, ("ModelNotFound", f"no node has {source} on disk and the Hugging Face hub is "
+                                                     "not reachable: HF_HUB_OFFLINE is set on the leader"))
+        self._hub_reads[source] = asyncio.create_task(self._read_hub(source, revision),
+                                                      name=f"scheduler-hub:{model_info_name(source, revision)}")
+        if missing is not None:  # a read again: the last answer stands until this one is in
+            self._missing[key] = (self.clock(), missing[1])
+            return missing[1]
+        return ("ResolvingModel", f"reading the metadata of {source} from the Hugging Face hub")
+
+    def _miss(self, key: tuple[str, str | None], problem: Problem) -> Problem:
+        self._missing[key] = (self.clock(), problem)
+        return problem
+
+    async def _read_hub(self, source: str, revision: str | None) -> None:
+        """Read the ModelInfo off the hub and record it (that write wakes the scheduler); a
+        failure is kept as the deployment's problem and a pass asked for."""
+        key = (source, revision)
+        try:
+            spec = await asyncio.to_thread(self.hub_info, source.removeprefix("hf://"), revision=revision)
+            await create_model_info(self.store, spec)
+            self._missing.pop(key, None)
+        except ModelMetadataError as error:
+            message = str(error)
+            if error.reason == "HubUnreachable":
+                message = f"no node has {source} on disk and the Hugging Face hub is not reachable: {error}"
+            log.info("model %s: %s", source, message)
+            self._missing[key] = (self.clock(), (error.reason, message))
+        except StoreError as error:
+            log.info("model %s: recording its ModelInfo: %s; trying again on the next pass", source, error)
+            self._missing.pop(key, None)
+        finally:
+            self._reads_done[key] = self._reads_done.get(key, 0) + 1
+            self.request_pass()
+
+    def _plan_inputs(self, spec: ModelInfoSpec, *, dtype: str | None, tensor: int = 1) -> ModelProfile | Problem:
+        try:
+            profile = info_profile(spec, dtype=dtype)
+            refusal = split_refusal_of(spec.config, num_layers=profile.num_layers)
+            unsharded = tensor_refusal(spec.config, ranks=tensor) if not refusal else None
         except ModelMetadataError as error:
             return (error.reason, str(error))
         if unsharded:
@@ -188,6 +267,7 @@ class SchedulerController(Controller):
             self._inputs.clear()  # the slow resync looks at everything again
             self._last_full_pass = now
         nodes_version = tuple((n["metadata"]["name"], n["metadata"]["resourceVersion"]) for n in node_objects)
+        infos = {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in self.store.list(MODEL_INFO_KIND)[0]}
         shard_versions: dict[tuple[str, str | None], list[tuple[str, str]]] = {}
         for shard in shard_objects:
             owner = (shard["spec"]["deployment"], shard["spec"].get("deploymentUid"))
@@ -201,7 +281,10 @@ class SchedulerController(Controller):
             live_keys.add(owner)
             # Level-triggered, but a deployment whose inputs (itself, the nodes, its shards) have
             # not changed since its last settled pass is skipped: a pass costs O(deployments).
-            inputs = (meta["resourceVersion"], nodes_version, tuple(shard_versions.get(owner, ())))
+            model = raw["spec"]["model"]
+            model_key = (model["source"], model.get("revision"))
+            inputs = (meta["resourceVersion"], nodes_version, tuple(shard_versions.get(owner, ())),
+                      infos.get(model_info_name(*model_key)), self._reads_done.get(model_key, 0))
             seen = self._inputs.get(owner)
             if seen is not None and seen[0] == inputs and now < seen[1]:
                 continue

@@ -1,5 +1,7 @@
-"""Known model configurations, for planning models that are not on this machine, and
-``resolve_profile``: local path → local Hugging Face cache → catalog."""
+"""Known model configurations, the offline fallback for planning models that are neither
+recorded (ModelInfo) nor on this machine nor on a reachable hub (``exoctl apply --dry-run``);
+``resolve_profile``: local path → local Hugging Face cache → catalog; ``info_profile``: a
+ModelInfo's profile in the deployment's dtype."""
 from __future__ import annotations
 
 import os
@@ -16,6 +18,7 @@ from reconciler.models.metadata import (
     profile_from_directory,
     read_config,
 )
+from reconciler.models.model_info import ModelInfoSpec, profile_from_info
 
 # Config numbers as published in each model's config.json.
 _LLAMA_3_2_1B = {
@@ -140,8 +143,7 @@ def resolve_profile(
     """The profile of a ModelDeployment's ``spec.model``: a local path, else the local Hugging Face
     cache, else the catalog. ``dtype`` (spec.model.dtype) different from the files' own dtype gives
     the estimate for that dtype, computed from the model's config."""
-    if dtype is not None and dtype not in FLOAT_DTYPE_BYTES and dtype not in QUANTIZED_DTYPE_BITS:
-        raise UnsupportedDtype(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
+    _check_dtype(dtype)
     if not source.startswith("hf://"):
         path = Path(source).expanduser()
         if not path.is_dir():
@@ -168,19 +170,28 @@ def local_model_dir(source: str, *, revision: str | None = None, hf_cache: Path 
     return hf_cache_snapshot(source[len("hf://"):], revision=revision, cache_dir=hf_cache)
 
 
-def split_refusal_of(source: str, *, revision: str | None, num_layers: int) -> str | None:
-    """Why the model at ``source`` cannot be cut into pipeline stages (mlx-lm's own model classes
-    decide), or None when it can or is not on this machine. Blocking: imports mlx-lm (seconds)."""
-    directory = local_model_dir(source, revision=revision)
-    if directory is None:
-        return None
+def split_refusal_of(config: dict[str, Any], *, num_layers: int) -> str | None:
+    """Why a model with this config (a ModelInfo's, or a local copy's) cannot be cut into pipeline
+    stages (mlx-lm's own model classes decide), or None when it can. Blocking: imports mlx-lm."""
     from reconciler.runtime.stage_split import split_refusal
 
-    return split_refusal(read_config(directory), num_layers=num_layers)
+    return split_refusal(config, num_layers=num_layers)
 
 
-def _from_directory(path: Path, *, dtype: str | None, name: str) -> ModelProfile:
-    profile = profile_from_directory(path, name=name)
+def info_profile(info: ModelInfoSpec, *, dtype: str | None = None) -> ModelProfile:
+    """The profile of a model from its ModelInfo, in ``dtype`` (spec.model.dtype) when given: what
+    the scheduler plans with, the same on every leader."""
+    _check_dtype(dtype)
+    profile = profile_from_info(info)
+    return _in_dtype(profile, info.config, dtype=dtype, name=info.source.removeprefix("hf://"))
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPE_BYTES and dtype not in QUANTIZED_DTYPE_BITS:
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of {', '.join([*FLOAT_DTYPE_BYTES, *QUANTIZED_DTYPE_BITS])}")
+
+
+def _in_dtype(profile: ModelProfile, config: dict[str, Any], *, dtype: str | None, name: str) -> ModelProfile:
     if dtype is None or dtype == profile.dtype:
         return profile
     if profile.quantization_bits:  # the loader quantizes float files, never re-quantizes or dequantizes
@@ -188,4 +199,8 @@ def _from_directory(path: Path, *, dtype: str | None, name: str) -> ModelProfile
             f"spec.model.dtype: {dtype} cannot be honoured: {name} is quantized ({profile.dtype}); "
             f"deploy it with dtype {profile.dtype} or none"
         )
-    return profile_from_config(read_config(path), dtype=dtype, name=name)
+    return profile_from_config(config, dtype=dtype, name=name)
+
+
+def _from_directory(path: Path, *, dtype: str | None, name: str) -> ModelProfile:
+    return _in_dtype(profile_from_directory(path, name=name), read_config(path), dtype=dtype, name=name)

@@ -150,7 +150,7 @@ def delete_options(raw: Any) -> DeleteOptions:
 async def commit(store: Store, command: dict[str, Any], *, target: Target, dry_run: bool) -> dict[str, Any]:
     """The result of ``command``: committed through the store, or computed without committing."""
     try:
-        await admit_write(command)  # tensor ranks a model's family cannot be sharded over: refused here
+        await admit_write(command, store=store)  # tensor ranks a model's family cannot be sharded over: refused here
     except InvalidObject as error:
         raise ApiError.invalid(error) from None
     if dry_run:

@@ -55,6 +55,33 @@ def test_get_nodes_and_shards_show_status_memory_and_progress(api, exoctl):
     assert shards[1].split()[:8] == ["llama-0-1", "default/llama", "0", "1", "8-15/16", "node-b", "Loading", "40%"]
 
 
+def test_get_shards_shows_a_download_with_its_percent_rate_and_bytes(api, exoctl):
+    api.create({**_shard(), "status": {"phase": "Downloading", "bytesDownloaded": 42 * 1024**2,
+                                       "bytesToDownload": 100 * 1024**2, "downloadRate": 12.5 * 1024**2}})
+    header, row = exoctl("get", "shards").stdout.splitlines()
+    assert header.split() == ["DEPLOYMENT", "REPLICA", "INDEX", "LAYERS", "NODE", "PHASE", "PROGRESS", "AGE"]
+    assert row.split()[5:8] == ["Downloading", "42%", "12.5MiB/s"]
+
+
+def test_describe_node_lists_its_cached_models_with_sizes_and_what_each_holds(api, exoctl):
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 300))
+    node = _node("node-a", ready="True")
+    node["status"]["cachedModels"] = [
+        {"name": "org-tiny-0123456789ab", "source": "hf://org/tiny", "revision": "main", "bytes": 3 * 1024**3,
+         "complete": False, "parts": ["0-5", "embedding"], "lastUsed": now},
+        {"name": "models-llama-ba9876543210", "source": "/models/llama", "bytes": 512 * 1024**2, "complete": True}]
+    api.create(node)
+    text = exoctl("describe", "node", "node-a").stdout
+    section = text.split("Cached Models:  2, 3.5Gi on disk\n")[1].splitlines()
+    assert section[0].split() == ["SOURCE", "REVISION", "SIZE", "HOLDS", "LAST", "USED"]
+    assert section[1].split() == ["/models/llama", "<none>", "512.0Mi", "complete", "<none>"]
+    assert section[2].split() == ["hf://org/tiny", "main", "3.0Gi", "0-5,", "embedding", "5m", "ago"]
+    empty = _node("node-b", ready="True")
+    empty["status"]["cachedModels"] = []
+    api.create(empty)
+    assert "Cached Models:  <none>\n" in exoctl("describe", "node", "node-b").stdout
+
+
 def test_get_yaml_of_a_collection_is_a_list_and_of_one_name_is_the_object(api, exoctl):
     exoctl("apply", "-f", "-", input=deployment_yaml())
     listing = json.loads(exoctl("get", "modeldeployments", "-o", "json").stdout)

@@ -65,7 +65,6 @@ async def test_not_ready_node_loses_its_shard_to_the_survivors(tiny_model):
     await store.submit(make_command("apply", ("ModelDeployment", "default", "tiny"), body=md_body(tiny_model)))
     scheduler = SchedulerController(store=store)
     await scheduler.reconcile()
-    live = store.get(("Node", "", "b"))
     await store.submit(make_command("status", ("Node", "", "b"), body={"status": node_body("b", ready="False")["status"]}))
     await scheduler.reconcile()
     assert [s["spec"]["nodeName"] for s in shards(store)] == ["a", "c"]

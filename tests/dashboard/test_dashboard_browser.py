@@ -192,6 +192,24 @@ def test_every_shard_is_drawn_on_its_node_and_a_chat_answer_streams_in(page, clu
     screenshot(page, "dashboard-serving.png")
 
 
+def test_a_downloading_shard_says_how_much_of_its_weights_arrived_and_how_fast(page, cluster) -> None:
+    open_dashboard(page, cluster)
+    page.wait_for_selector("#conn[data-state='live']")
+    phase, text, title = page.evaluate("""async () => {
+        const { renderShardMap } = await import('/dashboard/views.js');
+        const shard = { metadata: { name: 'big-r0-s1' },
+          spec: { deployment: 'default/big', replica: 0, index: 1, nodeName: 'node1', totalLayers: 8,
+                  layers: { start: 4, end: 8 } },
+          status: { phase: 'Downloading', bytesDownloaded: 42 * 2 ** 20, bytesToDownload: 100 * 2 ** 20,
+                    downloadRate: 12.5 * 2 ** 20 } };
+        const segment = renderShardMap([], [shard], { colours: new Map() }).querySelector('.segment');
+        return [segment.dataset.phase, segment.textContent, segment.title];
+    }""")
+    assert phase == "Downloading"
+    assert "Downloading 42% · 12.5 MiB/s" in text
+    assert "42.0 MiB of 100 MiB fetched" in title
+
+
 def test_the_page_reconnects_after_its_node_restarts_and_stays_live(page, cluster) -> None:
     open_dashboard(page, cluster)
     page.wait_for_selector("#conn[data-state='live']")

@@ -69,6 +69,18 @@ async def test_a_table_list_has_the_printer_columns_and_wide_ones_at_priority_on
     assert body["rows"][0]["object"]["kind"] == "PartialObjectMetadata"
 
 
+async def test_a_shard_table_shows_a_download_with_its_percent_and_rate(client):
+    await client.post("/apis/exo.dev/v1alpha1/shards", headers=AUTH, json=shard("s0"))
+    status = {"phase": "Downloading", "bytesDownloaded": 3 * 1024**2, "bytesToDownload": 4 * 1024**2,
+              "downloadRate": 1.5 * 1024**2}
+    patched = await client.patch("/apis/exo.dev/v1alpha1/shards/s0/status", headers=MERGE, json={"status": status})
+    assert patched.status == 200, await patched.text()
+    body = await (await client.get("/apis/exo.dev/v1alpha1/shards", headers={**AUTH, "Accept": TABLE})).json()
+    names = [c["name"] for c in body["columnDefinitions"]]
+    cells = dict(zip(names, body["rows"][0]["cells"]))
+    assert (cells["Phase"], cells["Progress"]) == ("Downloading", "75% 1.5MiB/s")
+
+
 async def test_field_selectors_filter_lists_by_name_and_refuse_unknown_fields(client):
     for name in ("a", "b"):
         await client.post(MD_PATH, headers=AUTH, json=deployment(name))

@@ -3,7 +3,14 @@ exoctl renders that plan as a table or the reason nothing fits."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
+from huggingface_hub import constants
+
+from exo_ctl.model_builder.build_model import build_model
+from reconciler.controllers.model_info import create_model_info
+from reconciler.models.model_info import info_from_directory
+from tests.fake_hub import FakeHub
 
 from exo_ctl.cli.plan import placement_from_headers, render_placement
 from reconciler.server.placement_preview import PLACEMENT_HEADER, placement_preview
@@ -77,3 +84,43 @@ def test_the_plan_renders_as_a_table_and_a_problem_as_one_line():
     assert render_placement(missing) == ["ModelNotFound: model 'x': no such local directory"]
     assert placement_from_headers({"x-exo-placement": json.dumps(missing)}) == missing
     assert placement_from_headers({"x-exo-placement": "not json"}) is None
+
+
+def tiny_manifest(source):
+    return {"apiVersion": "exo.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "tiny", "namespace": "default"},
+            "spec": {"model": {"source": source}, "placement": {"strategy": "Spread"}}}
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    return monkeypatch
+
+
+async def test_a_recorded_model_info_is_planned_from_though_no_node_nor_hub_nor_catalog_knows_it(store, hub_env):
+    hub_env.setenv("HF_HUB_OFFLINE", "1")
+    await four_16gib_nodes(store)
+    unknown = tiny_manifest("hf://org/not-in-any-catalog")
+    assert placement_preview(store, unknown)["problem"] == "ModelNotFound"
+    await create_model_info(store, info_from_directory(build_model("tiny"), source="hf://org/not-in-any-catalog",
+                                                       revision=None, origin="node/n2", digests=False))
+    preview = placement_preview(store, unknown)
+    assert preview["problem"] is None
+    assert [layer for s in preview["assignments"] for layer in range(s["layers"]["start"], s["layers"]["end"])] == list(range(8))
+
+
+async def test_through_a_loopback_hub_a_model_no_node_has_is_planned_and_a_private_one_names_the_token(store, hub_env):
+    await four_16gib_nodes(store)
+    tiny = build_model("tiny")
+    with FakeHub({"org/tiny": tiny, "org/secret": tiny}, private={"org/secret"}) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.endpoint)
+        public = placement_preview(store, tiny_manifest("hf://org/tiny"))
+        private = placement_preview(store, tiny_manifest("hf://org/secret"))
+    assert public["problem"] is None and len(public["assignments"]) == 4
+    assert private["problem"] == "ModelAccessDenied" and "HF_TOKEN" in private["reason"]
+    assert store.list("ModelInfo")[0] == []  # a dry run writes nothing

@@ -5,6 +5,8 @@ import json
 
 import yaml
 
+from reconciler.controllers.model_info import create_model_info
+from reconciler.models.model_info import ModelInfoSpec, TensorEntry, WeightFile
 from reconciler.server.placement_preview import placement_preview
 from tests.server.server_helpers import APPLY, MD_PATH
 
@@ -41,3 +43,18 @@ def test_the_placement_preview_gives_the_schedulers_reason(store):
     preview = placement_preview(store, md(3))
     assert preview["problem"] == "TensorParallelUnsupported" and preview["assignments"] == []
     assert "spec.parallelism.tensor: num_attention_heads (64)" in preview["reason"]
+
+
+async def test_the_recorded_model_info_decides_for_a_model_no_node_has(client, store):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True}
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": TensorEntry(dtype="BF16", shape=[128, 64], start=0, end=16384)
+               for i in range(2)}
+    await create_model_info(store, ModelInfoSpec(
+        source="hf://org/six-heads", origin="hub", config=config,
+        weightFiles=[WeightFile(name="model.safetensors", size=32776, headerLength=0, tensors=tensors)]))
+    answer = await client.patch(f"{MD_PATH}/tp", headers=APPLY, data=yaml.safe_dump(md(4, "hf://org/six-heads")))
+    assert answer.status == 422, await answer.text()
+    assert "num_attention_heads (6) of model_type 'llama' is not divisible by 4" in (await answer.json())["message"]
+    taken = await client.patch(f"{MD_PATH}/tp", headers=APPLY, data=yaml.safe_dump(md(2, "hf://org/six-heads")))
+    assert taken.status == 201, await taken.text()

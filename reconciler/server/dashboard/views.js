@@ -145,23 +145,44 @@ export function renderDeployments(deployments, { now }) {
 
 // --- Shard map ---------------------------------------------------------------------------------
 
+/** What a shard is doing: 'Loading 40%', 'Downloading 42% · 12.5 MiB/s', or its phase. */
+export function shardDetail(status) {
+  const phase = status?.phase || 'Pending';
+  if (phase === 'Loading') return `Loading ${Math.round(shardProgress(status) * 100)}%`;
+  if (phase !== 'Downloading') return phase;
+  const percent = `Downloading ${Math.floor(shardProgress(status) * 100)}%`;
+  const rate = status.downloadRate || 0;
+  return rate > 0 ? `${percent} · ${formatBytes(rate)}/s` : percent;
+}
+
+/** 0..1: of the weights loaded, or while Downloading of the bytes this node lacked. */
+function shardProgress(status) {
+  const done = status?.phase === 'Downloading'
+    ? (status.bytesToDownload > 0 ? (status.bytesDownloaded || 0) / status.bytesToDownload : 0)
+    : status?.progress ?? 0;
+  return Math.max(0, Math.min(1, done));
+}
+
 function segment(shard, colour) {
   const spec = shard.spec;
   const total = spec.totalLayers || 1;
   const phase = shard.status?.phase || 'Pending';
-  const progress = Math.max(0, Math.min(1, shard.status?.progress ?? 0));
+  const progress = shardProgress(shard.status);
   const left = (spec.layers.start / total) * 100;
   const width = ((spec.layers.end - spec.layers.start) / total) * 100;
   const layers = `layers ${spec.layers.start}–${spec.layers.end - 1}`;
-  const detail = phase === 'Loading' ? `Loading ${Math.round(progress * 100)}%` : phase;
-  const title = `${shard.metadata.name}\nnode ${spec.nodeName}\n${layers} of ${total}\n${detail}`
+  const detail = shardDetail(shard.status);
+  const fetched = phase === 'Downloading' && shard.status.bytesToDownload
+    ? `\n${formatBytes(shard.status.bytesDownloaded || 0)} of ${formatBytes(shard.status.bytesToDownload)} fetched` : '';
+  const title = `${shard.metadata.name}\nnode ${spec.nodeName}\n${layers} of ${total}\n${detail}${fetched}`
     + (shard.status?.message ? `\n${shard.status.message}` : '');
   return h('div', {
     class: `segment phase-${phase.toLowerCase()}`, title,
     dataset: { shard: shard.metadata.name, node: spec.nodeName, phase },
     style: { left: `${left}%`, width: `${width}%`, '--node': colour },
   },
-  phase === 'Loading' ? h('div', { class: 'segment-progress', style: { width: `${progress * 100}%` } }) : null,
+  phase === 'Loading' || phase === 'Downloading'
+    ? h('div', { class: 'segment-progress', style: { width: `${progress * 100}%` } }) : null,
   h('div', { class: 'segment-text' },
     h('span', { class: 'segment-node' }, spec.nodeName),
     h('span', { class: 'segment-detail' }, ` ${spec.layers.start}–${spec.layers.end - 1} · ${detail}`)));

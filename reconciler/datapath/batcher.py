@@ -1,10 +1,16 @@
 """Continuous batching for one shard: which waiting chunks run in the next forward.
 
 Chunks wait here (on the event loop) until the shard's compute thread is free. Each step then
-runs either one prefill chunk of one request, or the single-token steps of up to
-``max_batch_size`` requests as one batched forward; when both wait, they alternate, so a long
-prompt stalls running streams by at most one chunk, and a request joins the batch at the next
-step after its prompt. A request has at most one chunk in a step (its chunks run in order).
+runs either prefill chunks, or the single-token steps of up to ``max_batch_size`` requests as one
+batched forward; when both wait, they alternate, so a long prompt stalls running streams by at
+most one chunk, and a request joins the batch at the next step after its prompt. A prefill step
+runs the waiting chunks of several requests one after another while they add up to at most
+``PREFILL_STEP_TOKENS`` (one full chunk; at least one chunk), and the first tokens of the
+prompts of one prefill step wait for at most one more (streams that run already never do):
+requests that arrive together then decode together and step as one batch to the end, instead
+of joining a prompt at a time and finishing one by one in ever smaller batches (the small model,
+8 streams of 24 tokens: 14 decode steps of 1 to 7 rows around 17 full ones before, 1 around 23
+after). A request has at most one chunk in a step (its chunks run in order).
 A decode step with fewer rows than the last one waits briefly (``MAX_GATHER_S``) for the others,
 whose next chunks come back one by one from the origin, instead of starting with the first.
 The KV caches of the rows of the last batch stay merged (``DecodeBatch``) while the same
@@ -20,9 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from reconciler.datapath.pipeline import PREFILL_CHUNK
 from reconciler.datapath.wire import Frame
 
 DEFAULT_MAX_BATCH_SIZE = 8
+# The prompt tokens one prefill step may run, over the chunks of several requests (see above).
+PREFILL_STEP_TOKENS = PREFILL_CHUNK
 # A decode step waits at most this long (and a quarter of the last step) for the rows of the last
 # step whose next chunks are not back yet, so replies that arrive one by one still step together.
 MAX_GATHER_S = 0.02
@@ -39,11 +48,16 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
 
     @property
-    def single_token(self) -> bool:
+    def tokens(self) -> int:
+        """Positions the chunk carries (token ids or hidden states: its second dimension)."""
         tensor = self.frame.tensor
+        return tensor.shape[1] if tensor is not None and len(tensor.shape) >= 2 else 0
+
+    @property
+    def single_token(self) -> bool:
         if getattr(self.request, "embed", False):  # pooled on its own (it never decodes)
             return False
-        return tensor is not None and len(tensor.shape) >= 2 and tensor.shape[1] == 1
+        return self.tokens == 1
 
 
 class DecodeBatch:
@@ -135,6 +149,8 @@ class ShardBatcher:
         self._waiting: list[Job] = []
         self._scheduled = self._running = self._prefill_last = self._gathered = False
         self._expected: set[Any] = set()  # rows of the last decode step
+        self._prefilled: set[Any] = set()  # requests of the last prefill step
+        self._held_first = False  # the last prefill step held their first tokens back (done once in a row)
         self._timer: asyncio.TimerHandle | None = None  # while a decode step waits for them
         self._last_step_s = 0.0
 
@@ -152,6 +168,7 @@ class ShardBatcher:
         if dropped:
             self._waiting = [job for job in self._waiting if job.request is not request]
         self._expected.discard(request)
+        self._prefilled.discard(request)
         self._schedule()
         return dropped
 
@@ -181,12 +198,29 @@ class ShardBatcher:
             return firsts[:1]
         limit = self._row_limit(self.max_batch_size) if self._row_limit is not None else self.max_batch_size
         rows = [job for job in firsts if job.single_token][:limit]
-        prefill = [job for job in firsts if not job.single_token][:1]
-        if prefill and (not rows or not self._prefill_last):
+        prefill = self._prefill_step([job for job in firsts if not job.single_token])
+        # The first tokens of prompts prefilled in the last step wait for one more prefill step:
+        # prompts that arrived together then start decoding together (their first tokens in one step).
+        just_prefilled = bool(rows) and not self._held_first and all(j.request in self._prefilled for j in rows)
+        if prefill and (not rows or not self._prefill_last or just_prefilled):
+            self._held_first = bool(rows) and self._prefill_last
             self._prefill_last = True
+            self._prefilled = {job.request for job in prefill}
             return prefill
-        self._prefill_last = False
+        self._prefill_last = self._held_first = False
         return rows
+
+    def _prefill_step(self, chunks: list[Job]) -> list[Job]:
+        """The oldest waiting prefill chunks that add up to PREFILL_STEP_TOKENS (at least one), of
+        at most ``max_batch_size`` requests."""
+        step: list[Job] = []
+        tokens = 0
+        for job in chunks[: self.max_batch_size]:
+            if step and tokens + job.tokens > PREFILL_STEP_TOKENS:
+                break
+            step.append(job)
+            tokens += job.tokens
+        return step
 
     def _start(self) -> None:
         self._scheduled = False
@@ -202,14 +236,15 @@ class ShardBatcher:
             self._expected = {job.request for job in jobs}
         picked = set(map(id, jobs))
         self._waiting = [job for job in self._waiting if id(job) not in picked]
-        if self._observe is not None:
+        if self._observe is not None:  # per forward: the rows of a batched one, else each chunk alone
             now = time.monotonic()
-            self._observe(len(jobs), [now - job.arrived for job in jobs])
+            for forward in [jobs] if decoding else [[job] for job in jobs]:
+                self._observe(len(forward), [now - job.arrived for job in forward])
         try:
-            if len(jobs) == 1:
-                future = self._submit(lambda: [self._run_one(jobs[0])])
-            else:
+            if decoding and len(jobs) > 1:
                 future = self._submit(self._run_rows, self.batch, jobs)
+            else:
+                future = self._submit(self._run_each, jobs)
         except RuntimeError as exc:  # the compute thread is shut down (the shard is being unloaded)
             for job in jobs:
                 self._deliver(job, exc)
@@ -222,6 +257,16 @@ class ShardBatcher:
                 loop.call_soon_threadsafe(self._finish, jobs, f, started if decoding else None)
 
         future.add_done_callback(done)
+
+    def _run_each(self, jobs: list[Job]) -> list[Outcome]:
+        """Compute thread: the chunks one after another; a failed one fails only its own request."""
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            try:
+                outcomes.append(self._run_one(job))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _finish(self, jobs: list[Job], future: concurrent.futures.Future[list[Outcome]],
                 started: float | None) -> None:

@@ -1,11 +1,14 @@
 """Continuous batching in real stage servers (real sockets, real MLX): concurrent requests share
 batched forwards and still get, token for token, what single-process mlx-lm gives each alone."""
 import asyncio
+import concurrent.futures
 import contextlib
 
 import pytest
 
 from reconciler.datapath import PipelineClient, StageServer
+from reconciler.datapath.batcher import PREFILL_STEP_TOKENS, Job, ShardBatcher
+from reconciler.datapath.wire import Frame, Kind, Tensor
 from reconciler.runtime import open_shard
 
 PROMPTS = [
@@ -135,3 +138,60 @@ async def test_a_shard_without_batching_support_serves_concurrent_requests_one_a
         got = await asyncio.gather(*(collect(client, stages.route, p, max_tokens=10) for p in PROMPTS[:4]))
     assert list(got) == expected
     assert stages.widest_step() == 1
+
+
+class Prompt:
+    """A request as the batcher sees one (the stage's own request object is opaque to it)."""
+
+    embed = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def chunk(request: Prompt, tokens: int) -> Job:
+    tensor = Tensor("int32", (1, tokens), bytes(4 * tokens))
+    return Job(request, Frame(Kind.FORWARD, 1, tensor=tensor), source=None, size=4 * tokens)
+
+
+async def steps_of(jobs: list[Job], *, max_batch_size: int = 8) -> list[list[tuple[str, int]]]:
+    """The (request, tokens) of each compute step a ShardBatcher runs for ``jobs``, all waiting at once."""
+    loop, steps, delivered = asyncio.get_running_loop(), [], []
+
+    def submit(fn, *args):  # the compute thread, run in place
+        steps.append([(job.request.name, job.tokens) for job in args[-1]])
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    batcher = ShardBatcher(loop=loop, submit=submit, run_one=lambda job: None,
+                           run_rows=lambda batch, rows: [None] * len(rows), batch=None,
+                           deliver=lambda job, outcome: delivered.append(job), max_batch_size=max_batch_size)
+    for job in jobs:
+        batcher.add(job)
+    while len(delivered) < len(jobs):
+        await asyncio.sleep(0)
+    return steps
+
+
+async def test_prompts_waiting_together_are_prefilled_in_steps_of_at_most_one_chunk_of_tokens_then_decode_together():
+    a, b, c, d = (Prompt(name) for name in "abcd")
+    steps = await steps_of([chunk(a, 40), chunk(b, 40), chunk(c, 40), chunk(d, 100),
+                            chunk(a, 1), chunk(b, 1), chunk(c, 1), chunk(d, 1)])
+    assert PREFILL_STEP_TOKENS == 128
+    assert steps == [[("a", 40), ("b", 40), ("c", 40)], [("d", 100)], [("a", 1), ("b", 1), ("c", 1), ("d", 1)]]
+
+
+async def test_a_first_token_waits_for_at_most_one_more_prefill_step_and_running_streams_alternate_with_prefill():
+    a, b, c, d = (Prompt(name) for name in "abcd")
+    steps = await steps_of([chunk(a, 40), chunk(a, 1), chunk(a, 1), chunk(a, 1),
+                            chunk(b, 100), chunk(c, 100), chunk(d, 100)])
+    assert steps == [[("a", 40)], [("b", 100)], [("a", 1)], [("c", 100)], [("a", 1)], [("d", 100)], [("a", 1)]]
+
+
+async def test_a_prompt_chunk_larger_than_the_step_runs_alone_and_a_step_prefills_at_most_the_batch_size():
+    a, b, c = (Prompt(name) for name in "abc")
+    assert await steps_of([chunk(a, 300), chunk(b, 2), chunk(c, 2)], max_batch_size=1) == \
+        [[("a", 300)], [("b", 2)], [("c", 2)]]
+    assert await steps_of([chunk(a, 3), chunk(b, 2), chunk(c, 2)], max_batch_size=2) == \
+        [[("a", 3), ("b", 2)], [("c", 2)]]

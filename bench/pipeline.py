@@ -38,6 +38,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 model, tokenizer = mlx_lm.load(sys.argv[1])
 ids, n, repeats, long_ids = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+if len(sys.argv) > 6:
+    model.set_dtype(getattr(mx, sys.argv[6]))
 def run(prompt, count):
     start, stamps = time.perf_counter(), []
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=count, sampler=make_sampler(temp=0.0)):
@@ -55,11 +57,14 @@ print(json.dumps({"ttft": sorted(s[0] - t for t, s in runs)[len(runs) // 2], "to
 
 
 def single_process(model: Path, ids: list[int], tokens: int, *, repeats: int = 3,
-                   long_ids: list[int] | None = None) -> dict[str, Any]:
+                   long_ids: list[int] | None = None, dtype: str | None = None,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
     """Single-process mlx_lm: best and median decode tokens/s of ``repeats`` runs, median time to
-    first token, and the median time to first token of ``long_ids`` (the long prompt)."""
-    args = [str(model), json.dumps(ids), str(tokens), str(repeats), json.dumps(long_ids or ids)]
-    out = subprocess.run([sys.executable, "-c", SINGLE_PROCESS, *args], capture_output=True, text=True, check=True)
+    first token, and the median time to first token of ``long_ids`` (the long prompt); ``dtype``
+    casts the weights (e.g. float32), ``env`` is the process's environment (e.g. a BLAS preloaded)."""
+    args = [str(model), json.dumps(ids), str(tokens), str(repeats), json.dumps(long_ids or ids), *([dtype] if dtype else [])]
+    out = subprocess.run([sys.executable, "-c", SINGLE_PROCESS, *args], capture_output=True, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

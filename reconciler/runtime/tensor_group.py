@@ -7,8 +7,10 @@ Before any prompt data flows, every rank contributes a fresh random nonce and th
 a key derived from the cluster's data-path token) over all the nonces, its rank and the group;
 a group whose all-reduced proofs do not all verify is torn down. So a process that does not
 hold the key cannot join a group, nor be joined by a real rank, and a replayed handshake fails.
-It does NOT encrypt or authenticate the tensors that flow afterwards: an attacker who can
-inject into or read an established TCP stream (on-path) sees hidden states and can alter them.
+It does NOT encrypt or authenticate the tensors and commands that flow afterwards (over the ring,
+and from rank 0 to the others over their watch connections, which open with a proof of their
+own): an attacker who can inject into or read an established TCP stream (on-path) sees hidden
+states and can alter them.
 Nor does it stop denial of service: MLX's ring accepts the first connection on a rank's port, so
 a stranger who connects first makes the proof fail and the group end (Failed, never joined).
 Bind the ring to a private network; the sockets bind only to the addresses in the Shard specs.
@@ -28,16 +30,8 @@ PORT_SLOTS = 400
 PORTS_PER_SLOT = 32
 PROOF_BYTES = 32
 NONCE_BYTES = 32
-# The all-reduced header: op, cache id, dtype, ndim, shape[3], released count, released ids, then
-# an inline flag and the token ids of a small first-stage input (saves one all-reduce a token).
-HEADER_INTS = 64
-MAX_RELEASED = 24
-INLINE_AT = 8 + MAX_RELEASED
-MAX_INLINE = HEADER_INTS - INLINE_AT - 1
-
 OP_FORWARD = 1
 OP_SHUTDOWN = 2
-OP_RELEASE = 3  # only drops caches
 DTYPES = ("int32", "bfloat16", "float16", "float32")
 TENSOR_FIELD = "spec.parallelism.tensor"
 
@@ -99,7 +93,7 @@ def check_proofs(key: bytes, *, group: bytes, size: int, nonces: bytes, proofs: 
     return None
 
 
-# --- node ↔ rank-0 process frames (over the process's pipes) -----------------------------------
+# --- command frames: node → rank 0 (its pipes), rank 0 → the other ranks (their watch connections) ---
 
 _COMMAND = struct.Struct("<BIIB")  # op, cache id, released count, ndim
 _REPLY = struct.Struct("<BB")      # ok, ndim

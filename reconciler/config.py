@@ -2,7 +2,7 @@
 
 Everything a node keeps across restarts lives in its data dir: ``node-id`` (a UUID, the node's
 identity; never its address), ``cluster-secret`` (mode 0600), the Raft journal and full dump,
-and ``raft-members.json``.
+``raft-members.json``, and ``models/``, the model cache (unless ``--model-cache`` puts it elsewhere).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ SECRET_ENV = "EXO_CLUSTER_SECRET"
 SECRET_FILE = "cluster-secret"
 NODE_ID_FILE = "node-id"
 LOCK_FILE = "lock"
+MODEL_CACHE_DIR = "models"
 
 
 class ConfigError(Exception):
@@ -139,6 +140,16 @@ def resolve_secret(*, flag: str | None, env: str | None, data_dir: Path,
             f.write(secret + "\n")
         os.chmod(path, 0o600)
     return secret, generated
+
+
+def prepare_model_cache(flag: Path | None, data_dir: Path) -> Path:
+    """The model cache directory (``--model-cache``, else <data-dir>/models), created if missing."""
+    directory = Path(flag).expanduser() if flag is not None else data_dir / MODEL_CACHE_DIR
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--model-cache: cannot create {directory}: {exc.strerror or exc}") from None
+    return directory
 
 
 class DataDirLock:

@@ -11,10 +11,11 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler.config import (DEFAULT_API_PORT, SECRET_ENV, ConfigError, DataDirLock, NodeConfig,
-                               build_config)
+                               build_config, prepare_model_cache)
 from reconciler.membership import JoinError
 
 if TYPE_CHECKING:  # imported late at run time: the node pulls in MLX
@@ -71,6 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blas", default="auto", choices=["auto", "openblas", "bundled"],
                         help="Linux CPU nodes: auto/openblas restart the process once with OpenBLAS preloaded "
                              "(libopenblas0-pthread) for fast float32; bundled keeps MLX's reference BLAS")
+    parser.add_argument("--model-cache", metavar="DIR",
+                        help="where the node keeps the parts of models it fetched for its shards (default: "
+                             "<data-dir>/models); models on this node's disk are used in place, never copied")
+    parser.add_argument("--model-cache-size", metavar="SIZE",
+                        help="most bytes the model cache holds, e.g. 50Gi; beyond, the least recently used models "
+                             "no shard of this node needs are removed (default: no limit)")
+    parser.add_argument("--weights-serve-rate", default="256Mi", metavar="RATE",
+                        help="bytes per second this node serves weights to other members at most, e.g. 100Mi "
+                             "(default 256Mi), so serving weights never starves inference")
+    parser.add_argument("--weights-fetch-parallel", type=int, default=4, metavar="N",
+                        help="byte ranges of weights this node fetches at once from peers and the hub (default 4)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -125,6 +137,19 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
         raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
     if args.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests: must be 0 or more, got {args.max_queued_requests}")
+    cache_size = serve_rate = None
+    try:
+        cache_size = parse_quantity(args.model_cache_size) if args.model_cache_size is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--model-cache-size: {exc}") from None
+    try:
+        serve_rate = parse_quantity(args.weights_serve_rate)
+    except ValueError as exc:
+        raise ConfigError(f"--weights-serve-rate: {exc}") from None
+    if serve_rate < 1:
+        raise ConfigError(f"--weights-serve-rate: must be at least 1 byte per second, got {args.weights_serve_rate!r}")
+    if args.weights_fetch_parallel < 1:
+        raise ConfigError(f"--weights-fetch-parallel: must be at least 1, got {args.weights_fetch_parallel}")
     from reconciler.server.cors import parse_origin
 
     try:
@@ -136,7 +161,10 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
                        max_concurrent_requests=args.max_concurrent_requests,
                        max_queued_requests=args.max_queued_requests,
                        request_idle_timeout=args.request_idle_timeout, prefill_chunk=args.prefill_chunk,
-                       max_batch_size=args.max_batch_size)
+                       max_batch_size=args.max_batch_size,
+                       model_cache=Path(args.model_cache).expanduser() if args.model_cache else None,
+                       model_cache_size=cache_size, weights_serve_rate=serve_rate,
+                       weights_fetch_parallel=args.weights_fetch_parallel)
 
 
 async def serve(config: NodeConfig, options: "NodeOptions") -> None:
@@ -245,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = dataclasses.replace(config, https=serves_https(args.tls, config.host))
         options = node_options(args)
+        options = dataclasses.replace(options, model_cache=prepare_model_cache(options.model_cache, config.data_dir))
         from reconciler.runtime.cpu_profile import compute_profile
 
         options = dataclasses.replace(options, compute=compute_profile(args.compute_dtype))

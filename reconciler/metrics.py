@@ -14,7 +14,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-PHASES = ("Pending", "Loading", "Ready", "Failed")
+PHASES = ("Pending", "Downloading", "Loading", "Ready", "Failed")
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -60,6 +60,32 @@ class NodeMetrics:
         self.stage_queue_wait_seconds = Histogram(
             "exo_stage_queue_wait_seconds", "Time a received chunk waited for its stage's compute thread",
             ["shard"], buckets=LATENCY_BUCKETS, registry=r)
+        self.weights_fetched_bytes = Counter(
+            "exo_weights_fetched_bytes", "Weight bytes this node fetched and verified, by source (peer, hub)",
+            ["source"], registry=r)
+        self.weights_refused_bytes = Counter(
+            "exo_weights_refused_bytes", "Weight bytes this node received and refused (failed verification), by source",
+            ["source"], registry=r)
+        self.weights_served_bytes = Counter(
+            "exo_weights_served_bytes", "Weight bytes this node served to other members", registry=r)
+
+    def weights_fetched(self, source: str, n: int) -> None:
+        self.weights_fetched_bytes.labels(source).inc(n)
+
+    def weights_refused(self, source: str, n: int) -> None:
+        self.weights_refused_bytes.labels(source).inc(n)
+
+    def weights_served(self, n: int) -> None:
+        self.weights_served_bytes.inc(n)
+
+    def watch_model_cache(self, cached: Callable[[], list[dict[str, Any]]]) -> None:
+        """exo_model_cache_bytes: what the model cache's partial copies hold on disk, read at scrape time."""
+        def collect() -> Iterable[GaugeMetricFamily]:
+            family = gauge("exo_model_cache_bytes", "Bytes of model files in this node's model cache")
+            family.add_metric([], sum(int(model.get("bytes", 0)) for model in cached()))
+            return [family]
+
+        self.add_state_collector(collect)
 
     def observe_stage_step(self, shard: str, rows: int, waits: list[float]) -> None:
         self.stage_batch_size.labels(shard).observe(rows)

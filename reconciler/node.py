@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,8 +17,9 @@ from aiohttp import web
 from reconciler import formation
 from reconciler import tls as cluster_tls
 from reconciler.cluster_keys import cluster_keys
-from reconciler.config import NodeConfig
+from reconciler.config import MODEL_CACHE_DIR, NodeConfig
 from reconciler.controllers.manager import ControllerManager
+from reconciler.controllers.model_info import ModelInfoPublisher
 from reconciler.controllers.node_lifecycle import NodeLifecycleController
 from reconciler.controllers.node_registration import NodeIdentity, NodeRegistrar
 from reconciler.controllers.scheduler import SchedulerController
@@ -32,6 +34,9 @@ from reconciler.runtime.cpu_profile import loader_in
 from reconciler.runtime.shard_model import open_shard
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftStore
+from reconciler.weights.peer import WeightServer
+from reconciler.weights.store import ModelCache
+from reconciler.weights.supply import WeightSupply
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,10 @@ class NodeOptions:
     max_queued_requests: int = 32           # --max-queued-requests: waiting for a slot; beyond: 429
     compute: NodeCompute = field(default_factory=NodeCompute)  # --compute-dtype: measured at start
     cors_origins: tuple[str, ...] = ()      # --cors-origin: browser origins besides the API's own
+    model_cache: Path | None = None         # --model-cache: default <data-dir>/models
+    model_cache_size: int | None = None     # --model-cache-size: bytes the model cache holds at most (None: no limit)
+    weights_serve_rate: int = 256 << 20     # --weights-serve-rate: bytes/s served to peers at most
+    weights_fetch_parallel: int = 4         # --weights-fetch-parallel: ranges fetched at once
 
 
 class ExoNode:
@@ -80,6 +89,8 @@ class ExoNode:
         self.store: RaftStore | None = None
         self.metrics = NodeMetrics(node=config.name)
         self.stage_server: StageServer | None = None
+        self.supply: WeightSupply | None = None
+        self.weight_server: WeightServer | None = None
         self.shard_agent: ShardAgent | None = None
         self.backend: ClusterBackend | None = None
         self.lifecycle: NodeLifecycleController | None = None
@@ -155,8 +166,18 @@ class ExoNode:
                 store, config=config, certificate=self.certificate), name="exo-cluster-ca"))
         data_tls = self.certificate.data_path() if self.certificate is not None else None
         data_token = config.keys.data_path
+        # One model cache per node: the supply fills it for this node's shards, the server lends
+        # what it holds (and the node's own copies) to the other members over the data port.
+        cache = ModelCache(options.model_cache or config.data_dir / MODEL_CACHE_DIR,
+                           limit_bytes=options.model_cache_size)
+        self.supply = WeightSupply(node_name=config.name, cache=cache, store=store, data_token=data_token, tls=data_tls,
+                                   hub=_hub_reader(), metrics=self.metrics, parallel=options.weights_fetch_parallel)
+        self.weight_server = WeightServer(cache=cache, originals=self.supply.originals, store=store,
+                                          rate_bytes_per_s=options.weights_serve_rate, metrics=self.metrics)
+        self.metrics.watch_model_cache(cache.cached)
         self.stage_server = StageServer(host=config.host, port=config.data_port, token=data_token,
-                                        tls=data_tls if encrypt_data else None, max_batch_size=options.max_batch_size)
+                                        tls=data_tls if encrypt_data else None, max_batch_size=options.max_batch_size,
+                                        weights=self.weight_server)
         self.stage_server.step_observer = self.metrics.observe_stage_step
         self.metrics.watch_stage_requests(self.stage_server.requests_per_shard)
         try:
@@ -167,7 +188,7 @@ class ExoNode:
 
         self.backend = ClusterBackend(store=store, data_token=data_token,
                                       idle_timeout_s=options.request_idle_timeout,
-                                      prefill_chunk=options.prefill_chunk, data_tls=data_tls)
+                                      prefill_chunk=options.prefill_chunk, data_tls=data_tls, supply=self.supply)
         app = self.build_http_app(store, stage_server=self.stage_server, backend=self.backend)
         # handler_cancellation: a client that disconnects cancels its handler (frees its generation)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
@@ -185,7 +206,7 @@ class ExoNode:
                                 api_scheme="https" if config.https else "http",
                                 labels=dict(options.labels), memory_override=options.memory, version=exo_version(),
                                 compute=options.compute.model_dump())
-        self._registrar = NodeRegistrar(store=store, identity=identity)
+        self._registrar = NodeRegistrar(store=store, identity=identity, cached_models=self.supply.cached_models)
         self._registrar.start()
         self.lifecycle = NodeLifecycleController(
             store=store, node_name=config.name, timeout=options.node_timeout, grace=options.node_grace,
@@ -193,9 +214,10 @@ class ExoNode:
         self.shard_agent = ShardAgent(store=store, node_name=config.name, stage_server=self.stage_server,
                                       data_endpoint=f"{config.advertise_host}:{config.data_port}",
                                       metrics=self.metrics, loader=loader_in(options.compute.dtype, open_shard),
-                                      data_token=data_token)
+                                      data_token=data_token, supply=self.supply)
         self._controllers = ControllerManager(
-            store=store, controllers=[self.lifecycle, SchedulerController(store=store), self.shard_agent],
+            store=store, controllers=[self.lifecycle, SchedulerController(store=store, node_name=config.name),
+                                      self.shard_agent, ModelInfoPublisher(store=store, node_name=config.name)],
             observer=self.metrics.observe_reconcile)
         self._controllers.start()
         self.consistency = ConsistencyChecker(store=store, secret=config.keys.member, node_name=config.name,
@@ -249,6 +271,9 @@ class ExoNode:
             await steps.run("node registration", self._registrar.stop(), at_most_s=0.5)
         if self.shard_agent is not None:
             await steps.run("shard unloads", self.shard_agent.close(), at_most_s=1.0)
+        if self.supply is not None and self.weight_server is not None:
+            await steps.run("weight transfers", asyncio.gather(self.supply.close(), self.weight_server.close()),
+                            at_most_s=0.5)
         if self.store is not None:
             await steps.run("Raft store", self.store.close(), at_most_s=1.0)
         log.info("stopped in %.2fs", steps.elapsed())
@@ -260,6 +285,13 @@ class ExoNode:
         if self.stage_server is not None:
             parts.append(self.stage_server.stop())
         await asyncio.gather(*parts)
+
+
+def _hub_reader() -> Any:
+    """What reads weights off the Hugging Face hub for this node, unless it must stay offline."""
+    from reconciler.models.hub import HubReader, hub_usable
+
+    return HubReader() if hub_usable() else None
 
 
 class _StopSteps:

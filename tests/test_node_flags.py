@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.config import ConfigError
+from reconciler.config import ConfigError, prepare_model_cache
 from reconciler.main import node_options, parse_args
 
 
@@ -31,3 +31,47 @@ def test_serving_flags_default_to_a_minute_of_idleness_and_128_token_prefill_ste
 def test_an_admission_flag_out_of_range_is_a_config_error_naming_it(argv, flag):
     with pytest.raises(ConfigError, match=f"^{flag}: "):
         node_options(parse_args(argv))
+
+
+def test_weights_flags_default_to_no_cache_limit_256mi_served_per_second_and_four_fetches_at_once():
+    options = node_options(parse_args([]))
+    assert (options.model_cache, options.model_cache_size) == (None, None)
+    assert (options.weights_serve_rate, options.weights_fetch_parallel) == (256 * 2**20, 4)
+
+
+def test_weights_flags_take_kubernetes_quantities_and_reach_the_node_options(tmp_path):
+    options = node_options(parse_args(["--model-cache", str(tmp_path / "cache"), "--model-cache-size", "50Gi",
+                                       "--weights-serve-rate", "100M", "--weights-fetch-parallel", "8"]))
+    assert options.model_cache == tmp_path / "cache"
+    assert (options.model_cache_size, options.weights_serve_rate, options.weights_fetch_parallel) == \
+        (50 * 2**30, 100_000_000, 8)
+
+
+@pytest.mark.parametrize(("argv", "flag"), [(["--model-cache-size", "lots"], "--model-cache-size"),
+                                            (["--weights-serve-rate", "0"], "--weights-serve-rate"),
+                                            (["--weights-serve-rate", "fast"], "--weights-serve-rate"),
+                                            (["--weights-fetch-parallel", "0"], "--weights-fetch-parallel")])
+def test_a_weights_flag_out_of_range_is_a_config_error_naming_it(argv, flag):
+    with pytest.raises(ConfigError, match=f"^{flag}: "):
+        node_options(parse_args(argv))
+
+
+def test_the_model_cache_is_made_in_the_data_dir_unless_the_flag_puts_it_elsewhere(tmp_path):
+    assert prepare_model_cache(None, tmp_path / "data") == tmp_path / "data" / "models"
+    assert (tmp_path / "data" / "models").is_dir()
+    assert prepare_model_cache(tmp_path / "elsewhere", tmp_path / "data") == tmp_path / "elsewhere"
+
+
+def test_a_model_cache_that_cannot_be_a_directory_is_a_config_error_naming_the_flag(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=f"^--model-cache: cannot create {tmp_path / 'file'}"):
+        prepare_model_cache(tmp_path / "file", tmp_path / "data")
+
+
+def test_the_weights_flags_are_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model-cache DIR", "--model-cache-size SIZE", "--weights-serve-rate RATE",
+                 "--weights-fetch-parallel N"):
+        assert flag in text

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.controllers.deployment_status import placement_revision, shard_ready
 from reconciler.datapath import pipeline as datapath
@@ -19,9 +19,13 @@ from reconciler.datapath.wire import DataPathTLS, StageAddress
 from reconciler.inference.backend import ModelCard, NotReady, PipelineError, SamplingParams
 from reconciler.inference.context import read_context_length
 from reconciler.models.memory import reserved_context_length
-from reconciler.runtime.model_files import TOKENIZER_PATTERNS, ModelFilesError, local_model_path
+from reconciler.models.model_info import MODEL_INFO_KIND, ModelInfoSpec, model_info_name
+from reconciler.runtime.model_files import TOKENIZER_PATTERNS, ModelFilesError, local_model_path, original_copy
 from reconciler.store.base import Store
 from reconciler.store.state import StoreState
+
+if TYPE_CHECKING:
+    from reconciler.weights.supply import WeightSupply
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0
@@ -126,8 +130,11 @@ class ClusterBackend:
 
     def __init__(self, *, store: Store, data_token: str | None = None, idle_timeout_s: float = 60.0,
                  prefill_chunk: int = datapath.PREFILL_CHUNK, data_tls: DataPathTLS | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, supply: WeightSupply | None = None) -> None:
+        """``supply``: fetches the tokenizer files of a model this node has no copy of (from peers
+        or the hub, as its ModelInfo lists them); None: only this node's copies or the hub."""
         self.store = store
+        self.supply = supply
         self._monotonic = monotonic
         self._failed_at: dict[tuple[str, str | None], float] = {}  # tokenizers that did not load, and when
         self.client = datapath.PipelineClient(token=data_token, idle_timeout_s=idle_timeout_s,
@@ -187,13 +194,39 @@ class ClusterBackend:
     def _tokenizer(self, source: str, revision: str | None) -> Any:
         key = (source, revision)
         if key not in self._tokenizers:
-            # Normally prefetched off the loop when the deployment appeared; this is the fallback.
+            # Normally prefetched off the loop when the deployment appeared; this is the fallback:
+            # a copy on this node's disk is read now, the files of any other are fetched meanwhile.
+            has_copy = original_copy(source, revision=revision, weights=False) is not None
+            if self._fetches_tokenizer(key, has_copy=has_copy):
+                failed_at = self._failed_at.get(key)
+                retry = failed_at is None or self._monotonic() - failed_at >= TOKENIZER_RETRY_S
+                if key not in self._loading and retry:
+                    self._loading[key] = asyncio.get_running_loop().create_task(self._prefetch(key),
+                                                                                name=f"tokenizer:{source}")
+                raise NotReady(f"model {source!r}: this node is fetching its tokenizer", retry_after=RETRY_AFTER)
             try:
                 self._tokenizers[key] = _load_tokenizer(source, revision)
             except (ModelFilesError, OSError, ValueError) as error:
                 raise NotReady(f"model {source!r}: tokenizer unavailable on this node: {error}",
                                retry_after=RETRY_AFTER) from None
         return self._tokenizers[key]
+
+    def _model_info(self, key: tuple[str, str | None]) -> ModelInfoSpec | None:
+        stored = self.store.get((MODEL_INFO_KIND, "", model_info_name(*key)))
+        return ModelInfoSpec.model_validate(stored["spec"]) if stored is not None else None
+
+    def _fetches_tokenizer(self, key: tuple[str, str | None], *, has_copy: bool) -> bool:
+        """Whether the supply fetches the model's tokenizer files: this node has no copy of its own
+        (one is used in place) and the cluster has the model's ModelInfo."""
+        return self.supply is not None and not has_copy \
+            and self.store.get((MODEL_INFO_KIND, "", model_info_name(*key))) is not None
+
+    async def _read_tokenizer(self, key: tuple[str, str | None]) -> tuple[Any, int | None]:
+        has_copy = await asyncio.to_thread(original_copy, key[0], revision=key[1], weights=False) is not None
+        info = self._model_info(key) if self._fetches_tokenizer(key, has_copy=has_copy) else None
+        if info is not None and self.supply is not None:
+            return await asyncio.to_thread(_tokenizer_in, await self.supply.side_dir(info))
+        return await asyncio.to_thread(_load_tokenizer, *key)
 
     def prefetch_tokenizers(self) -> None:
         """Load, off the event loop, the tokenizer of every deployment that is Ready (only then
@@ -216,7 +249,7 @@ class ClusterBackend:
 
     async def _prefetch(self, key: tuple[str, str | None]) -> None:
         try:
-            self._tokenizers[key] = await asyncio.to_thread(_load_tokenizer, *key)
+            self._tokenizers[key] = await self._read_tokenizer(key)
             self._failed_at.pop(key, None)
         except Exception as error:  # reported to clients when they ask for the model
             if key not in self._failed_at:
@@ -235,9 +268,13 @@ class ClusterBackend:
 
 
 def _load_tokenizer(source: str, revision: str | None) -> tuple[Any, int | None]:
-    """The tokenizer and the context length (from config.json, fetched with the tokenizer)."""
+    """The tokenizer and the context length of this node's copy of ``source``, or of the hub's
+    tokenizer files (an entry node needs the tokenizer only: never download weights for it)."""
+    return _tokenizer_in(local_model_path(source, revision=revision, patterns=TOKENIZER_PATTERNS))
+
+
+def _tokenizer_in(path: Path) -> tuple[Any, int | None]:
+    """The tokenizer and the context length (from config.json, beside the tokenizer) in ``path``."""
     from mlx_lm.utils import load_tokenizer
 
-    # An entry node needs the tokenizer only: never download a model's weights for it.
-    path: Path = local_model_path(source, revision=revision, patterns=TOKENIZER_PATTERNS)
     return load_tokenizer(path), read_context_length(path)

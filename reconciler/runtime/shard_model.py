@@ -2,7 +2,9 @@
 
 Only the layers this stage owns (plus embeddings on the first stage, norm + head on the last)
 are ever evaluated, so the other layers' weights are never read from disk into memory. The
-stage runs the family's own mlx-lm forward code (see ``stage_split``).
+stage runs the family's own mlx-lm forward code (see ``stage_split``). A partial copy in the
+node's model cache (``reconciler.weights.store``) holds only the stage's tensors: it is loaded
+non-strictly, once every tensor the stage needs is known to be in its files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -208,19 +210,51 @@ def _inner(model: nn.Module, layout: StageLayout) -> nn.Module:
 Progress = Callable[[float, int], None]  # (fraction done, bytes loaded), called on the compute thread
 
 
-def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: ComputeThread,
-                         progress: Progress | None = None, dtype: str | None = None) -> ShardModel:
-    num_layers = _read_num_layers(model_path)
-    _check_range(start=start, end=end, num_layers=num_layers, model_path=model_path)
+def _check_partial_copy(model_path: Path, tensors: Collection[str] | None) -> None:
+    """A partial copy must hold every checkpoint tensor the stage needs (``tensors``): loaded
+    non-strictly, a missing one would silently keep its random initial value."""
+    from reconciler.models.metadata import ModelMetadataError, read_safetensors_header
+
+    if tensors is None:
+        raise ShardLoadError(f"{model_path}: a partial copy in the model cache, and which tensors the stage "
+                             "needs was not given")
+    held: set[str] = set()
+    for file in sorted(model_path.glob("model*.safetensors")):  # what mlx-lm's load_model reads
+        try:
+            held |= set(read_safetensors_header(file)) - {"__metadata__"}
+        except (OSError, ModelMetadataError) as error:
+            raise ShardLoadError(f"{file}: unreadable: {error}") from None
+    missing = sorted(set(tensors) - held)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ShardLoadError(f"{model_path}: the partial copy lacks {len(missing)} tensors this stage needs: {shown}")
+
+
+def load_stage_model(model_path: Path, *, tensors: Collection[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """mlx-lm's ``load_model`` (lazy) of a model directory: strict for an original copy; for a
+    partial copy, non-strict once ``_check_partial_copy`` found every tensor of ``tensors``."""
+    from reconciler.weights.store import is_partial_copy  # here: reconciler.models imports this module
+
+    partial = is_partial_copy(model_path)
+    if partial:
+        _check_partial_copy(model_path, tensors)
     # mlx_lm is imported here, not at module level: the package takes seconds to import (it pulls
     # in transformers) and a node should not pay that before it holds any shard.
     from mlx_lm.utils import load_model
 
     try:
-        model, config = load_model(model_path, lazy=True)
+        return load_model(model_path, lazy=True, strict=not partial)
     except (RuntimeError, ValueError, TypeError, KeyError, OSError) as error:  # config fields or weight files
         detail = f"{type(error).__name__}: {error}" if isinstance(error, (TypeError, KeyError)) else str(error)
         raise ShardLoadError(f"{model_path}: mlx-lm cannot load this model: {detail}") from None
+
+
+def _load_on_this_thread(model_path: Path, *, start: int, end: int, compute: ComputeThread,
+                         progress: Progress | None = None, dtype: str | None = None,
+                         tensors: Collection[str] | None = None) -> ShardModel:
+    num_layers = _read_num_layers(model_path)
+    _check_range(start=start, end=end, num_layers=num_layers, model_path=model_path)
+    model, config = load_stage_model(model_path, tensors=tensors)
     try:
         layout = find_layout(model, num_layers=num_layers)
         check_caches(_make_cache(model), family=type(model).__module__, num_layers=num_layers)
@@ -307,26 +341,27 @@ def _make_cache(model: nn.Module) -> list[Any]:
     return make_prompt_cache(model)
 
 
-def load_shard(model_path: Path, *, start: int, end: int, dtype: str | None = None) -> ShardModel:
+def load_shard(model_path: Path, *, start: int, end: int, dtype: str | None = None,
+               tensors: Collection[str] | None = None) -> ShardModel:
     """Load layers [start, end) of the mlx-lm model in `model_path` onto a new compute thread,
-    in ``dtype`` (spec.model.dtype) when given."""
+    in ``dtype`` (spec.model.dtype) when given; ``tensors``: what a partial copy must hold."""
     compute = ComputeThread(f"{Path(model_path).name}-{start}-{end}")
     try:
         return compute.call(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute,
-                            dtype=dtype)
+                            dtype=dtype, tensors=tensors)
     except BaseException:
         compute.close()
         raise
 
 
 async def open_shard(model_path: Path, *, start: int, end: int, progress: Progress | None = None,
-                     dtype: str | None = None) -> ShardModel:
+                     dtype: str | None = None, tensors: Collection[str] | None = None) -> ShardModel:
     """`load_shard` for asyncio callers: the load runs on the shard's thread, not the loop.
     ``progress`` is called on that thread as layers are read."""
     compute = ComputeThread(f"{Path(model_path).name}-{start}-{end}")
     try:
         return await compute.run(_load_on_this_thread, Path(model_path), start=start, end=end, compute=compute,
-                                 progress=progress, dtype=dtype)
+                                 progress=progress, dtype=dtype, tensors=tensors)
     except BaseException:
         compute.close()
         raise

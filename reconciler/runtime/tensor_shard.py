@@ -17,7 +17,7 @@ import sys
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import mlx.core as mx
 
@@ -116,11 +116,13 @@ class TensorShard:
 
 
 def spawn_rank(model_path: Path, *, start: int, end: int, dtype: str | None, group: TensorGroup,
-               key: bytes) -> subprocess.Popen[bytes]:
+               key: bytes, tensors: Collection[str] | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen([sys.executable, "-m", "reconciler.runtime.tensor_worker"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"model_path": str(model_path), "start": start, "end": end, "dtype": dtype,
               "group": group.model_dump(mode="json"), "key": key.hex()}
+    if tensors is not None:  # a partial copy in the model cache: the tensors it must hold
+        config["tensors"] = sorted(tensors)
     assert process.stdin is not None
     process.stdin.write((json.dumps(config) + "\n").encode())  # the key travels on a pipe, never argv
     process.stdin.flush()
@@ -139,13 +141,15 @@ def wait_ready(process: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 async def open_tensor_shard(model_path: Path, *, start: int, end: int, dtype: str | None, group: TensorGroup,
-                            data_token: str, on_lost: Callable[[str], None] | None = None) -> TensorShard:
+                            data_token: str, on_lost: Callable[[str], None] | None = None,
+                            tensors: Collection[str] | None = None) -> TensorShard:
     """Start this node's rank of ``group`` and wait until the whole group has formed, proved its
     membership and loaded its layers."""
     num_layers = await asyncio.to_thread(_read_num_layers, Path(model_path))
     if not 0 <= start < end <= num_layers:
         raise ShardLoadError(f"{model_path}: layer range [{start}, {end}) must satisfy 0 <= start < end <= {num_layers}")
-    process = spawn_rank(model_path, start=start, end=end, dtype=dtype, group=group, key=tg.group_key(data_token))
+    process = spawn_rank(model_path, start=start, end=end, dtype=dtype, group=group, key=tg.group_key(data_token),
+                         tensors=tensors)
     try:
         ready = await asyncio.to_thread(wait_ready, process)
     except BaseException:

@@ -4,14 +4,18 @@ MLX keeps one ring group per process for its whole life, so every rank runs here
 its node's shard agent. The process reads a JSON config line on stdin, then: rank 0 dials a
 watch connection from every other rank (authenticated), all ranks join the ring and prove their
 membership (see ``tensor_group``), load layers [start, end) sharded by mlx-lm's own
-``Model.shard``, and say "ready" on stdout. Rank 0 then runs the node's commands and gives the
-other ranks the same header and inputs by an all-sum to which they contribute zeros. Any rank
-exits when its watch connection or its parent's pipe closes, so a lost rank ends the group.
+``Model.shard`` (on the last stage the head too: each rank computes a slice of the vocabulary),
+and say "ready" on stdout. Rank 0 then runs the node's commands and forwards each one, input
+included, to the other ranks over their watch connections, where they wait in a blocking read:
+MLX's ring polls its sockets while an all-reduce waits, so a rank idling in one between tokens
+would spin a core that the node needs. Any rank exits when its watch connection or its parent's
+pipe closes, so a lost rank ends the group.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import sys
 import tempfile
@@ -20,10 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
+from mlx_lm.models.base import gather_last_axis
+
 from exo_ctl.api.resources import TensorGroup
 from reconciler.runtime import tensor_group as tg
 
 INIT_SECONDS = 120.0  # the whole group must have formed by then
+Command = tuple[int, int, list[int], str, tuple[int, ...], bytes]  # as tensor_group.read_command returns it
 
 
 def _die_with_parent() -> None:
@@ -40,13 +50,18 @@ def _fail(message: str) -> None:
     os._exit(3)
 
 
-def _watch(conn: socket.socket, what: str) -> None:
-    """Block until ``conn`` closes, then end this process (the group is broken). Keepalives find
-    a peer that vanished without closing (a partition) within about 4 s."""
+def _keepalive(conn: socket.socket) -> None:
+    """Keepalives find a peer that vanished without closing (a partition) within about 4 s."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for option, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 2)):
         if hasattr(socket, option):
             conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def _watch(conn: socket.socket, what: str) -> None:
+    """Block until ``conn`` closes, then end this process (the group is broken)."""
+    _keepalive(conn)
 
     def run() -> None:
         try:
@@ -58,26 +73,48 @@ def _watch(conn: socket.socket, what: str) -> None:
     threading.Thread(target=run, name=f"watch-{what}", daemon=True).start()
 
 
+def _commands_from(conn: socket.socket) -> "queue.Queue[Command]":
+    """A rank other than 0: the commands rank 0 forwards on ``conn``, read by a thread into a queue
+    from now on; the connection closing (or a keepalive failing) ends this process."""
+    _keepalive(conn)
+    commands: queue.Queue[Command] = queue.Queue()
+
+    def run() -> None:
+        stream = conn.makefile("rb")
+        try:
+            while True:
+                command = tg.read_command(stream)
+                commands.put(command)
+                if command[0] == tg.OP_SHUTDOWN:
+                    return
+        except Exception:  # noqa: BLE001 — closed, reset, or not a command: the group is broken
+            pass
+        _fail("lost rank 0: ending the group")
+    threading.Thread(target=run, name="commands-rank-0", daemon=True).start()
+    return commands
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
 
 
-def _watch_connections(group: TensorGroup, *, key: bytes, gid: bytes, deadline: float) -> None:
-    """Rank 0 accepts one authenticated watch connection per other rank; the others dial rank 0."""
+def _watch_connections(group: TensorGroup, *, key: bytes, gid: bytes, deadline: float) -> list[socket.socket]:
+    """Rank 0 accepts one authenticated watch connection per other rank and returns them in rank
+    order, each watched; the others dial rank 0 and return their one connection, not yet read."""
     host, port = _split_address(group.peers[0].address)
     if group.rank == 0:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port + 1))
         listener.listen(16)
-        joined: set[int] = set()
+        joined: dict[int, socket.socket] = {}
         while len(joined) < group.size - 1:
             listener.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                _fail(f"ranks {sorted(set(range(1, group.size)) - joined)} did not join within {INIT_SECONDS:.0f}s")
+                _fail(f"ranks {sorted(set(range(1, group.size)) - set(joined))} did not join within {INIT_SECONDS:.0f}s")
             conn.settimeout(5.0)
             try:
                 hello = conn.recv(1 + tg.PROOF_BYTES, socket.MSG_WAITALL)
@@ -90,10 +127,10 @@ def _watch_connections(group: TensorGroup, *, key: bytes, gid: bytes, deadline: 
                 conn.close()
                 continue
             conn.settimeout(None)
-            joined.add(rank)
+            joined[rank] = conn
             _watch(conn, f"rank {rank}")
         listener.close()
-        return
+        return [joined[rank] for rank in sorted(joined)]
     while True:
         try:
             conn = socket.create_connection((host, port + 1), timeout=2.0)
@@ -104,7 +141,7 @@ def _watch_connections(group: TensorGroup, *, key: bytes, gid: bytes, deadline: 
             time.sleep(0.2)
     conn.sendall(bytes([group.rank]) + tg.watch_proof(key, group=gid, rank=group.rank))
     conn.settimeout(None)
-    _watch(conn, "rank 0")
+    return [conn]
 
 
 def _join_ring(group: TensorGroup, *, deadline: float) -> Any:
@@ -147,19 +184,21 @@ def _authenticate(ring: Any, group: TensorGroup, *, key: bytes, gid: bytes) -> N
 
 def _load(config: dict[str, Any], ring: Any) -> Any:
     import mlx.core as mx
-    from mlx_lm.utils import load_model
 
-    from reconciler.runtime.shard_model import ComputeThread, ShardModel, _inner, _read_num_layers, parameter_bytes
+    from reconciler.runtime.shard_model import (ComputeThread, ShardModel, _inner, _read_num_layers,
+                                                load_stage_model, parameter_bytes)
     from reconciler.runtime.stage_split import find_layout, split_model
     from reconciler.runtime.weight_dtype import apply_dtype
 
     path, start, end = Path(config["model_path"]), config["start"], config["end"]
     num_layers = _read_num_layers(path)
-    model, model_config = load_model(path, lazy=True)
+    model, model_config = load_stage_model(path, tensors=config.get("tensors"))  # a partial copy: what it must hold
     layout = find_layout(model, num_layers=num_layers)
     model.shard(ring)  # mlx-lm's own tensor-parallel split, before the other stages' layers go
     inlet = split_model(model, layout, start=start, end=end, num_layers=num_layers)
     model_config = apply_dtype(model, model_config, dtype=config.get("dtype"), model_path=path)
+    if end == num_layers:
+        _shard_head(model, layout, ring)  # after the dtype: a quantized head stays whole
     for layer in _inner(model, layout).layers[start:end]:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
@@ -168,10 +207,59 @@ def _load(config: dict[str, Any], ring: Any) -> Any:
                       inlet=inlet)
 
 
-def _forward(shard: Any, x: Any, cache: list[Any], *, head: bool) -> Any:
-    """The stage's forward (as ShardModel.forward); ``head`` False skips the unsharded lm_head."""
-    import mlx.core as mx
+def _shard_head(model: nn.Module, layout: Any, ring: Any) -> None:
+    """Split the last stage's head by vocabulary rows over the group, with mlx's own
+    ``shard_linear``, where the family's ``shard`` left it whole: each rank computes its slice of
+    the logits and mlx-lm's ``gather_last_axis`` joins them, so the head's work divides like the
+    layers'. A head that is not a plain float ``Linear`` (or tied ``Embedding``), or a vocabulary
+    the group does not divide, stays whole: every rank then computes all of it."""
+    from reconciler.runtime.shard_model import _inner
 
+    size = ring.size()
+    if layout.tied:
+        inner = _inner(model, layout)
+        embedding = inner[layout.embedding_name]
+        if type(embedding) is nn.Embedding and embedding.weight.shape[0] % size == 0:
+            inner[layout.embedding_name] = VocabShardedEmbedding(embedding, ring)
+        return
+    owner = model  # the module beside the inner one: where families keep lm_head
+    for name in layout.inner_path[:-1]:
+        owner = owner[name]
+    head = owner.get("lm_head")
+    if type(head) is nn.Linear and head.weight.shape[0] % size == 0:
+        owner["lm_head"] = VocabShardedHead(head, ring)
+
+
+class VocabShardedHead(nn.Module):
+    """A head whose vocabulary rows are split over ``group`` (mlx's ``shard_linear``,
+    all-to-sharded), run on the last position only: the one the stage server samples."""
+
+    def __init__(self, linear: nn.Linear, group: Any) -> None:
+        super().__init__()
+        self.linear = shard_linear(linear, "all-to-sharded", group=group)
+        self.group = group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gather_last_axis(self.linear(x[..., -1:, :]), self.group)
+
+
+class VocabShardedEmbedding(nn.Embedding):
+    """A tied embedding: the whole table for the lookup, a vocabulary-sharded head for ``as_linear``."""
+
+    def __init__(self, embedding: nn.Embedding, group: Any) -> None:
+        rows, dims = embedding.weight.shape
+        super().__init__(rows, dims)  # lazy random weights, replaced at once: never computed
+        self.weight = embedding.weight
+        linear = nn.Linear(dims, rows, bias=False)
+        linear.weight = embedding.weight
+        self.head = VocabShardedHead(linear, group)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.head(x)
+
+
+def _forward(shard: Any, x: Any, cache: list[Any]) -> Any:
+    """The stage's forward, as ShardModel.forward; on the last stage the last position's logits."""
     from reconciler.runtime.shard_model import _inner
     from reconciler.runtime.stage_split import advance_skipped
 
@@ -180,32 +268,33 @@ def _forward(shard: Any, x: Any, cache: list[Any], *, head: bool) -> Any:
         shard.inlet.put(x)
         tokens = mx.zeros(x.shape[:2], dtype=mx.int32)
     try:
-        run = shard.model if shard.is_last and head else _inner(shard.model, shard.layout)
+        run = shard.model if shard.is_last else _inner(shard.model, shard.layout)
         out = run(tokens, cache=cache)
     finally:
         if shard.inlet is not None:
             shard.inlet.put(None)
     advance_skipped(cache, shard.skipped, batch=x.shape[0], length=x.shape[1])
-    return out
+    return out[:, -1:, :] if shard.is_last else out  # the stage server samples the last position only
 
 
 class _Rank:
-    """The model, the caches by id, and the all-sum broadcast of rank 0's commands."""
+    """The model, the caches by id, and the steps of rank 0's commands."""
 
     def __init__(self, shard: Any, ring: Any, rank: int) -> None:
         self.shard, self.ring, self.rank = shard, ring, rank
         self.caches: dict[int, list[Any]] = {}
 
-    def broadcast(self, array: Any) -> Any:
-        import mlx.core as mx
-
+    def all_sum(self, array: mx.array) -> mx.array:
         out = mx.distributed.all_sum(array, group=self.ring)
         mx.eval(out)
         return out
 
-    def step(self, header: list[int], x: Any) -> Any:
-        """Run one command's header (already agreed) on input ``x``."""
-        op, cache_id, released = header[0], header[1], header[8:8 + header[7]]
+    def step(self, command: Command) -> Any:
+        """Run one command (every rank runs the same ones, in the same order): the forward's
+        output, or None for a command without one."""
+        from reconciler.datapath.wire import Tensor, tensor_to_array
+
+        op, cache_id, released, dtype, shape, data = command
         for gone in released:
             self.caches.pop(gone, None)
         if op != tg.OP_FORWARD:
@@ -213,36 +302,31 @@ class _Rank:
         cache = self.caches.get(cache_id)
         if cache is None:
             cache = self.caches[cache_id] = self.shard.make_cache()
-        out = _forward(self.shard, x, cache, head=self.rank == 0)
-        if self.shard.is_last and self.rank == 0:
-            out = out[:, -1:, :]  # the stage server samples the last position only
-        import mlx.core as mx
-
+        out = _forward(self.shard, tensor_to_array(Tensor(dtype, shape, data)), cache)
         mx.eval(out)
         return out
 
-    def lead(self, stdin: Any, reply: Any) -> None:
-        """Rank 0: read the node's commands, share each with the group, answer with the result."""
-        from reconciler.datapath.wire import Tensor, array_to_tensor, tensor_to_array
+    def lead(self, stdin: Any, reply: Any, followers: list[socket.socket]) -> None:
+        """Rank 0: read the node's commands, forward each to the other ranks, run it, answer."""
+        from reconciler.datapath.wire import array_to_tensor
 
         while True:
             try:
-                op, cache_id, released, dtype, shape, data = tg.read_command(stdin)
+                command = tg.read_command(stdin)
             except EOFError:
                 return
-            while len(released) > tg.MAX_RELEASED:  # more releases than one header holds
-                self.step(self.share(tg.OP_RELEASE, 0, released[:tg.MAX_RELEASED], "int32", ()), None)
-                released = released[tg.MAX_RELEASED:]
+            op, cache_id, released, dtype, shape, data = command
+            frame = tg.encode_command(op=op, cache_id=cache_id, released=released, dtype=dtype, shape=shape,
+                                      data=data)
             try:
-                x = tensor_to_array(Tensor(dtype, shape, data)) if op == tg.OP_FORWARD else None
-                inline = x is not None and dtype == "int32" and x.size <= tg.MAX_INLINE
-                header = self.share(op, cache_id, released, dtype, shape, inline=x.reshape(-1).tolist() if inline else None)
-                if x is not None and not inline:
-                    x = self.broadcast(x)
-                out = self.step(header, x)
-                if op == tg.OP_SHUTDOWN:
-                    return
-                wire = array_to_tensor(out)
+                for conn in followers:
+                    conn.sendall(frame)
+            except OSError as error:
+                _fail(f"lost a rank: ending the group: {error}")
+            if op == tg.OP_SHUTDOWN:
+                return
+            try:
+                wire = array_to_tensor(self.step(command))
                 reply.write(tg.encode_reply(dtype=wire.dtype, shape=wire.shape, data=wire.data))
             except Exception as error:  # noqa: BLE001 — the other ranks may be mid-step: end the group
                 reply.write(tg.encode_failure(f"{type(error).__name__}: {error}"))
@@ -250,40 +334,13 @@ class _Rank:
                 _fail(f"a step failed, ending the group: {type(error).__name__}: {error}")
             reply.flush()
 
-    def share(self, op: int, cache_id: int, released: list[int], dtype: str, shape: tuple[int, ...], *,
-              inline: list[int] | None = None) -> list[int]:
-        import mlx.core as mx
-
-        header = [0] * tg.HEADER_INTS
-        header[:4] = [op, cache_id, tg.DTYPES.index(dtype), len(shape)]
-        header[4:4 + len(shape)] = list(shape)
-        header[7] = len(released)
-        header[8:8 + len(released)] = released
-        if inline is not None:
-            header[tg.INLINE_AT] = 1
-            header[tg.INLINE_AT + 1:tg.INLINE_AT + 1 + len(inline)] = inline
-        self.broadcast(mx.array(header, dtype=mx.int32))
-        return header
-
-    def follow(self) -> None:
-        """Other ranks: take rank 0's header and input, run the same step, until told to stop."""
-        import mlx.core as mx
-
+    def follow(self, commands: "queue.Queue[Command]") -> None:
+        """Other ranks: run rank 0's commands, as forwarded to this rank, until told to stop."""
         while True:
-            header = self.broadcast(mx.zeros((tg.HEADER_INTS,), dtype=mx.int32)).tolist()
-            if header[0] == tg.OP_SHUTDOWN:
+            command = commands.get()
+            if command[0] == tg.OP_SHUTDOWN:
                 return
-            x = None
-            if header[0] == tg.OP_FORWARD:
-                shape = tuple(header[4:4 + header[3]])
-                if header[tg.INLINE_AT]:
-                    size = 1
-                    for dim in shape:
-                        size *= dim
-                    x = mx.array(header[tg.INLINE_AT + 1:tg.INLINE_AT + 1 + size], dtype=mx.int32).reshape(shape)
-                else:
-                    x = self.broadcast(mx.zeros(shape, dtype=getattr(mx, tg.DTYPES[header[2]])))
-            self.step(header, x)
+            self.step(command)
 
 
 def main() -> None:
@@ -297,7 +354,8 @@ def main() -> None:
     import mlx_lm.utils  # noqa: F401 — seconds to import: before the rendezvous, so the ranks meet in step
 
     deadline = time.monotonic() + INIT_SECONDS
-    _watch_connections(group, key=key, gid=gid, deadline=deadline)
+    connections = _watch_connections(group, key=key, gid=gid, deadline=deadline)
+    commands = None if group.rank == 0 else _commands_from(connections[0])
     ring = _join_ring(group, deadline=deadline)
     _authenticate(ring, group, key=key, gid=gid)
     try:
@@ -305,13 +363,11 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 — reported to the node as the shard's failure
         _fail(f"cannot load layers [{config['start']}, {config['end']}): {type(error).__name__}: {error}")
     rank = _Rank(shard, ring, group.rank)
-    import mlx.core as mx
-
-    rank.broadcast(mx.zeros((group.size,), dtype=mx.int32))  # every rank has loaded
+    rank.all_sum(mx.zeros((group.size,), dtype=mx.int32))  # every rank has loaded
     reply.write((json.dumps({"ready": True, "nbytes": shard.nbytes}) + "\n").encode())
     reply.flush()
-    if group.rank == 0:
-        rank.lead(stdin, reply)
+    if commands is None:
+        rank.lead(stdin, reply, connections)
         os._exit(0)
 
     def parent_gone() -> None:
@@ -319,7 +375,7 @@ def main() -> None:
             pass
         os._exit(0)
     threading.Thread(target=parent_gone, name="parent", daemon=True).start()
-    rank.follow()
+    rank.follow(commands)
     os._exit(0)
 
 

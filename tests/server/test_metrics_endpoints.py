@@ -112,6 +112,26 @@ async def test_metrics_describe_raft_the_store_nodes_and_shards_at_scrape_time(c
     assert value(samples, "exo_raft_apply_seconds_count") == len(store.commands)
 
 
+async def test_a_downloading_shard_and_the_weights_bytes_by_source_are_scraped(client: TestClient, store: MemoryStore,
+                                                                               metrics: NodeMetrics) -> None:
+    await put(store, shard("llama-0-0"), {"phase": "Downloading", "bytesDownloaded": 10, "bytesToDownload": 40})
+    metrics.weights_fetched("peer", 3000)
+    metrics.weights_fetched("hub", 500)
+    metrics.weights_fetched("peer", 1000)
+    metrics.weights_refused("peer", 64)
+    metrics.weights_served(2048)
+    metrics.watch_model_cache(lambda: [{"name": "a", "bytes": 700}, {"name": "b", "bytes": 300}])
+    samples = await scrape(client)
+    shard_labels = {"shard": "llama-0-0", "deployment": "default/llama", "node": "node-a"}
+    assert value(samples, "exo_shard_phase", **shard_labels, phase="Downloading") == 1
+    assert value(samples, "exo_shard_phase", **shard_labels, phase="Loading") == 0
+    assert value(samples, "exo_weights_fetched_bytes_total", source="peer") == 4000
+    assert value(samples, "exo_weights_fetched_bytes_total", source="hub") == 500
+    assert value(samples, "exo_weights_refused_bytes_total", source="peer") == 64
+    assert value(samples, "exo_weights_served_bytes_total") == 2048
+    assert value(samples, "exo_model_cache_bytes") == 1000
+
+
 async def test_requests_are_counted_by_route_template_method_and_code_never_by_raw_path(client: TestClient) -> None:
     for name in ("alpha", "beta"):
         assert (await client.get(f"{MD_PATH}/{name}", headers=AUTH)).status == 404

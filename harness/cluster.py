@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ HOST = "127.0.0.1"
 PORTS_PER_NODE = 4  # api, raft (api+1), data (api+2), one spare
 DEFAULT_SECRET = "test-cluster-secret"
 READY_TIMEOUT = 30.0
+# Node processes keep their compiled bytecode here even where the environment says
+# PYTHONDONTWRITEBYTECODE: a run starts hundreds of them, and each would otherwise compile
+# mlx_lm, aiohttp, pydantic and our own packages from source again (~1 s of CPU per start).
+PYCACHE = Path(tempfile.gettempdir()) / "exo-harness-pycache"
 
 
 def _port_free(port: int) -> bool:
@@ -95,6 +101,15 @@ def http_json(method: str, url: str, *, token: str | None = None, body: Any = No
         return status, headers, raw.decode(errors="replace")
 
 
+def node_environment(inherited: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """A test node's environment: the inherited one, then its own; and no Hugging Face hub unless
+    the node is pointed at one (``HF_ENDPOINT``, on loopback), so no test reaches huggingface.co."""
+    env = inherited | {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"} | own
+    if "HF_ENDPOINT" in own and "HF_HUB_OFFLINE" not in own:
+        del env["HF_HUB_OFFLINE"]
+    return env
+
+
 @dataclass
 class ExoProcess:
     index: int
@@ -152,7 +167,8 @@ class ExoProcess:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
-        env = {k: v for k, v in os.environ.items() if k != "EXO_CLUSTER_SECRET"} | dict(self.env)
+        env = {k: v for k, v in os.environ.items() if k not in ("EXO_CLUSTER_SECRET", "PYTHONDONTWRITEBYTECODE")}
+        env = node_environment({"PYTHONPYCACHEPREFIX": str(PYCACHE)} | env, dict(self.env))
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"--- start: {' '.join(self.command())}\n".encode())
@@ -290,6 +306,18 @@ def start_cluster(n: int, tmp_path: Path, *, secret: str = DEFAULT_SECRET,
         cluster.close()
         raise
     return cluster
+
+
+@contextmanager
+def running_cluster(n: int, root: Path, **kwargs: Any) -> Iterator[Cluster]:
+    """``start_cluster(n, root, **kwargs)`` for a ``with`` block (a module's shared cluster): at the
+    end every node is killed and the logs printed (pytest shows them when a test failed)."""
+    cluster = start_cluster(n, root, **kwargs)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        print(cluster.logs())
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, cluster: "Cluster | None" = None,

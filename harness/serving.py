@@ -3,29 +3,60 @@ until its pipeline is Ready, read its route, and compare with single-process mlx
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cluster import Cluster, ExoProcess
+from harness.cluster import Cluster, ExoProcess, running_cluster
 
 API = "/apis/exo.dev/v1alpha1"
 DEPLOYMENTS = f"{API}/namespaces/default/modeldeployments"
 APPLY = "application/apply-patch+yaml"
 
 
-def manifest(name: str, source: Path, *, strategy: str = "Spread", selector: dict[str, str] | None = None) -> str:
+def manifest(name: str, source: Path, *, strategy: str = "Spread", selector: dict[str, str] | None = None,
+             spec: str = "") -> str:
+    """A ModelDeployment's YAML; ``spec``: more lines of its spec, indented two spaces."""
     lines = ["apiVersion: exo.dev/v1alpha1", "kind: ModelDeployment", f"metadata:\n  name: {name}", "spec:",
              f"  model:\n    source: {source}", f"  placement:\n    strategy: {strategy}"]
     if selector:
         lines.append("    nodeSelector:")
         lines += [f'      {key}: "{value}"' for key, value in selector.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + spec
 
 
 def apply(node: ExoProcess, name: str, source: Path, **placement: Any) -> None:
     status, _, body = node.request("PATCH", f"{DEPLOYMENTS}/{name}", body=manifest(name, source, **placement),
                                    content_type=APPLY)
     assert status in (200, 201), body
+
+
+@dataclass(frozen=True)
+class Served:
+    """A deployment a test cluster serves: its model, how many Ready stages it must reach, and its
+    placement (``manifest``'s keywords)."""
+    source: Path
+    stages: int
+    strategy: str = "Spread"
+    selector: dict[str, str] | None = None
+    spec: str = ""
+
+
+@contextmanager
+def serving_cluster(root: Path, *, nodes: int, serve: Mapping[str, Served], extra_args: Sequence[str] = (),
+                    timeout: float = 60.0) -> Iterator[Cluster]:
+    """``nodes`` real nodes, every one Ready, serving each of ``serve`` (applied through node0);
+    at the end every node is killed and the logs printed (pytest shows them when a test failed)."""
+    with running_cluster(nodes, root, extra_args=extra_args) as cluster:
+        wait_nodes_ready(cluster, nodes)
+        for name, served in serve.items():
+            apply(cluster.nodes[0], name, served.source, strategy=served.strategy, selector=served.selector,
+                  spec=served.spec)
+        for name, served in serve.items():
+            wait_serving(cluster.nodes[0], name, stages=served.stages, timeout=timeout)
+        yield cluster
 
 
 def wait_nodes_ready(cluster: Cluster, count: int, *, timeout: float = 20.0) -> None:

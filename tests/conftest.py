@@ -20,6 +20,12 @@ from harness.cluster import DEFAULT_SECRET, Cluster, start_cluster
 
 CI_SKIP_ALLOWLIST: dict[str, str] = {}
 
+# No test reaches a real model hub: huggingface_hub in this process (and in every node process the
+# tests start, see harness.cluster.node_environment) talks to a closed loopback port unless a test
+# points it at its own loopback hub (tests/fake_hub.py).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")

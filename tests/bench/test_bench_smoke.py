@@ -17,7 +17,7 @@ SMOKE_TIMEOUT = 240
 
 def test_every_bench_script_is_smoke_tested() -> None:
     assert {"chaos", "pipeline", "pipeline_hops", "control_plane", "replacement", "serving_limits", "peers",
-            "tensor_parallel", "batching"} <= set(SCRIPTS)
+            "tensor_parallel", "batching", "weights"} <= set(SCRIPTS)
 
 
 @pytest.mark.slow

@@ -2,13 +2,8 @@
 stop reasons, and tools refused with an Anthropic-shaped 400."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import anthropic
 import pytest
-
-from harness.cluster import start_cluster
-from harness.serving import apply, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -16,21 +11,10 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory):
-    from exo_ctl.model_builder.build_model import build_model
-
-    cluster = start_cluster(1, tmp_path_factory.mktemp("clients-anthropic"))
-    try:
-        wait_nodes_ready(cluster, 1)
-        apply(cluster.nodes[0], "tiny", Path(build_model("tiny")), strategy="Pack")
-        wait_serving(cluster.nodes[0], "tiny", stages=1)
-        node = cluster.nodes[0]
-        # api_key: the SDK's default x-api-key header, as Anthropic's own API takes it
-        yield anthropic.Anthropic(base_url=node.api_url, api_key=node.secret, max_retries=0,
-                                  http_client=anthropic.DefaultHttpxClient(trust_env=False, timeout=60))
-    finally:
-        cluster.close()
-        print(cluster.logs())
+def client(tiny_node):
+    # api_key: the SDK's default x-api-key header, as Anthropic's own API takes it
+    return anthropic.Anthropic(base_url=tiny_node.api_url, api_key=tiny_node.secret, max_retries=0,
+                               http_client=anthropic.DefaultHttpxClient(trust_env=False, timeout=60))
 
 
 def test_a_message_and_its_stream_carry_the_same_text(client):

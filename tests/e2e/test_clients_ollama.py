@@ -3,14 +3,11 @@ streamed and not, JSON format, and refusals in Ollama's shape."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import ollama
 import pytest
 
-from harness.cluster import start_cluster
-from harness.serving import apply, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -19,18 +16,8 @@ OPTIONS = {"temperature": 0, "num_predict": 12}
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
-    from exo_ctl.model_builder.build_model import build_model
-
-    cluster = start_cluster(1, tmp_path_factory.mktemp("clients-ollama"))
-    try:
-        wait_nodes_ready(cluster, 1)
-        apply(cluster.nodes[0], "tiny", Path(build_model("tiny")), strategy="Pack")
-        wait_serving(cluster.nodes[0], "tiny", stages=1)
-        yield cluster.nodes[0]
-    finally:
-        cluster.close()
-        print(cluster.logs())
+def node(tiny_node):
+    return tiny_node
 
 
 @pytest.fixture(scope="module")

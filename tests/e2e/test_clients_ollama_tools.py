@@ -9,8 +9,6 @@ import jsonschema
 import ollama
 import pytest
 
-from harness.cluster import start_cluster
-from harness.serving import apply, wait_nodes_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +27,14 @@ FORCED = {"temperature": 0, "num_predict": 60, "tool_choice": {"type": "function
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from exo_ctl.model_builder.tools_model import build_tools_model
-
-    return build_tools_model()
+def model_dir(tools_model: Path) -> Path:
+    return tools_model
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
-    cluster = start_cluster(2, tmp_path_factory.mktemp("clients-ollama-tools"))
-    try:
-        wait_nodes_ready(cluster, 2)
-        node = cluster.nodes[0]
-        apply(node, "tools", model_dir, strategy="Spread")
-        wait_serving(node, "tools", stages=2)
-        yield ollama.Client(host=node.api_url, headers={"Authorization": f"Bearer {node.secret}"}, trust_env=False)
-    finally:
-        cluster.close()
-        print(cluster.logs())
+def client(tools_node):
+    return ollama.Client(host=tools_node.api_url, headers={"Authorization": f"Bearer {tools_node.secret}"},
+                         trust_env=False)
 
 
 def test_a_forced_call_comes_back_as_ollama_tool_calls_streamed_and_not(client):

@@ -10,8 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from harness.cluster import start_cluster
-from harness.serving import apply, client_for, wait_nodes_ready, wait_serving
+from harness.serving import client_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,23 +23,13 @@ FORCED = {"type": "function", "function": {"name": "weather"}}
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from exo_ctl.model_builder.tools_model import build_tools_model
-
-    return build_tools_model()
+def model_dir(tools_model: Path) -> Path:
+    return tools_model
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
-    cluster = start_cluster(2, tmp_path_factory.mktemp("clients-tools"))
-    try:
-        wait_nodes_ready(cluster, 2)
-        apply(cluster.nodes[0], "tools", model_dir, strategy="Spread")
-        wait_serving(cluster.nodes[0], "tools", stages=2)
-        yield cluster.nodes[0]
-    finally:
-        cluster.close()
-        print(cluster.logs())
+def node(tools_node):
+    return tools_node
 
 
 @pytest.fixture(scope="module")

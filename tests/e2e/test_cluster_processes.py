@@ -2,10 +2,11 @@
 recovery of every object after all nodes are killed, and who may (not) join."""
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from harness.cluster import http_json
+from harness.cluster import Cluster, http_json, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,16 @@ def wait_for_object(node, name: str, *, resource_version: str, timeout: float = 
         time.sleep(0.05)
 
 
-def test_apply_through_node_one_is_readable_through_node_three(exo_cluster):
-    cluster = exo_cluster(3)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three nodes for the tests that only write, read and try to join; the tests that kill or
+    stop nodes start their own."""
+    with running_cluster(3, tmp_path_factory.mktemp("processes")) as cluster:
+        yield cluster
+
+
+def test_apply_through_node_one_is_readable_through_node_three(shared):
+    cluster = shared
     status, headers, created = apply(cluster.nodes[0], "llama")
     assert status == 201, created
     assert headers.get("X-Exo-Apply-Result") == "created"
@@ -104,8 +113,8 @@ def test_every_object_and_resource_version_is_back_after_kill_9_of_all_nodes(exo
         assert int(listing["metadata"]["resourceVersion"]) >= revision_before
 
 
-def test_a_node_with_a_wrong_secret_is_never_admitted(exo_cluster):
-    cluster = exo_cluster(2)
+def test_a_node_with_a_wrong_secret_is_never_admitted(shared):
+    cluster = shared
     intruder = cluster.add_node(secret="not-the-secret", start=True, wait=False)
     intruder.proc.wait(30)
     assert intruder.proc.returncode == 1
@@ -118,9 +127,8 @@ def test_a_node_with_a_wrong_secret_is_never_admitted(exo_cluster):
     assert status == 401
 
 
-def test_a_second_process_on_a_locked_data_dir_refuses_to_start(exo_cluster):
-    cluster = exo_cluster(1)
-    node = cluster.nodes[0]
+def test_a_second_process_on_a_locked_data_dir_refuses_to_start(shared):
+    node = shared.nodes[0]
     result = subprocess.run(node.command(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -5,6 +5,7 @@ import ssl
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -12,8 +13,15 @@ import pytest
 from cryptography import x509
 
 from exo_ctl.client import Client, ClientConfig, ConnectionFailed
-from harness.cluster import wait_until
+from harness.cluster import Cluster, running_cluster, wait_until
 from reconciler.tls import ClusterCA, ensure_node_certificate
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two nodes with ``--tls on`` (node1 joined over HTTPS); no test here stops one."""
+    with running_cluster(2, tmp_path_factory.mktemp("tls"), extra_args=["--tls", "on"]) as cluster:
+        yield cluster
 
 
 def openai_client(node, *, verify) -> openai.OpenAI:
@@ -21,8 +29,8 @@ def openai_client(node, *, verify) -> openai.OpenAI:
                          http_client=httpx.Client(verify=verify, trust_env=False))
 
 
-def test_the_openai_client_works_over_https_with_the_cluster_ca_only(exo_cluster):
-    node = exo_cluster(1, extra_args=["--tls", "on"]).nodes[0]
+def test_the_openai_client_works_over_https_with_the_cluster_ca_only(cluster):
+    node = cluster.nodes[0]
     assert node.api_url.startswith("https://")
     assert f"or SSL_CERT_FILE=PATH): {node.ca_path}" in node.log_text()
     models = openai_client(node, verify=ssl.create_default_context(cafile=node.ca_path)).models.list()
@@ -31,17 +39,17 @@ def test_the_openai_client_works_over_https_with_the_cluster_ca_only(exo_cluster
         openai_client(node, verify=True).models.list()  # the system's CAs do not vouch for it
 
 
-def test_plain_http_to_the_https_port_gets_no_answer(exo_cluster):
-    node = exo_cluster(1, extra_args=["--tls", "on"]).nodes[0]
+def test_plain_http_to_the_https_port_gets_no_answer(cluster):
+    node = cluster.nodes[0]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/healthz", timeout=5)
 
 
-def test_exoctl_pins_the_cluster_ca_and_refuses_a_server_with_a_foreign_certificate(exo_cluster, tmp_path):
-    cluster = exo_cluster(1, extra_args=["--tls", "on"])
+def test_exoctl_pins_the_cluster_ca_and_refuses_a_server_with_a_foreign_certificate(cluster, tmp_path):
     node = cluster.nodes[0]
     pinned = Client(ClientConfig(server=node.api_url, token=node.secret, ca=str(node.ca_path), timeout=5))
-    assert pinned.request("GET", "/apis/exo.dev/v1alpha1/modeldeployments")[0]["items"] == []
+    # a namespace no test here writes to: the other tests' deployments do not show
+    assert pinned.request("GET", "/apis/exo.dev/v1alpha1/namespaces/pinned/modeldeployments")[0]["items"] == []
 
     # An impostor on another port with a certificate from another CA (valid for 127.0.0.1).
     foreign = ensure_node_certificate(ClusterCA.create(), data_dir=tmp_path, node="impostor", hosts=["127.0.0.1"])
@@ -69,8 +77,7 @@ server.serve_forever()
 """
 
 
-def test_a_node_that_joins_over_https_gets_a_certificate_from_the_same_ca(exo_cluster):
-    cluster = exo_cluster(2, extra_args=["--tls", "on"])
+def test_a_node_that_joins_over_https_gets_a_certificate_from_the_same_ca(cluster):
     first, second = cluster.nodes
     assert first.ca_path.read_bytes() == second.ca_path.read_bytes()
     for node in cluster.nodes:  # the scheme other nodes, /sd and status.endpoint use to reach it

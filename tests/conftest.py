@@ -10,6 +10,7 @@ and kills them at teardown.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ CI_SKIP_ALLOWLIST: dict[str, str] = {}
 # points it at its own loopback hub (tests/fake_hub.py).
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+# Tests send Ctrl-C (SIGINT) to the CLI and node processes they start. A suite launched in the
+# background of a non-interactive shell inherits SIGINT ignored, and so would those children:
+# restore the default so a child's exec starts with SIGINT delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def in_ci() -> bool:

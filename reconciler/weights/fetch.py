@@ -53,6 +53,10 @@ class WeightSource(Protocol):
         itself (only sources that hold original files answer that; others raise SourceMissing)."""
         ...
 
+    async def read_side_file(self, name: str, *, size: int) -> bytes:
+        """A side file (config, tokenizer) whole: ``size`` bytes, as the ModelInfo lists it."""
+        ...
+
 
 @dataclass(frozen=True)
 class Chunk:

@@ -373,3 +373,10 @@ class PeerSource:
             return await self._client.read(model=self._model, tensor=FILE_RANGE, offset=offset, length=length,
                                            file=file.name)
         return await self._client.read(model=self._model, tensor=tensor, offset=offset, length=length)
+
+    async def read_side_file(self, name: str, *, size: int) -> bytes:
+        """A side file (config, tokenizer) whole, in ranges of at most MAX_CHUNK_BYTES."""
+        pieces = [await self._client.read(model=self._model, tensor=FILE_RANGE, offset=at, file=name,
+                                          length=min(MAX_CHUNK_BYTES, size - at))
+                  for at in range(0, max(size, 1), MAX_CHUNK_BYTES)]
+        return b"".join(pieces)

@@ -26,7 +26,6 @@ from reconciler.models.model_info import (
     model_info_name,
 )
 from reconciler.weights.fetch import (
-    MAX_CHUNK_BYTES,
     Fetcher,
     FetchProgress,
     SourceFailed,
@@ -80,7 +79,7 @@ class HubSource:
             return await asyncio.to_thread(self._hub.read_range, self._repo, revision=self._revision,
                                            file=file.name, start=start, length=length)
 
-    async def read_side_file(self, name: str) -> bytes:
+    async def read_side_file(self, name: str, *, size: int) -> bytes:
         with _hub_errors():
             return await asyncio.to_thread(self._hub.read_file, self._repo, revision=self._revision, file=name)
 
@@ -209,10 +208,7 @@ class WeightSupply:
         tried: list[str] = []
         for source in sources:
             try:
-                if isinstance(source, HubSource):
-                    data = await source.read_side_file(side.name)
-                else:
-                    data = await _read_whole(source, side)
+                data = await source.read_side_file(side.name, size=side.size)
             except (SourceMissing, SourceFailed, OSError, asyncio.TimeoutError) as exc:
                 tried.append(f"{source.name}: {exc}")
                 continue
@@ -279,15 +275,6 @@ def _has(path: Path, side: SideFile) -> bool:
         return path.stat().st_size == side.size
     except OSError:
         return False
-
-
-async def _read_whole(source: WeightSource, side: SideFile) -> bytes:
-    """A side file from a peer, in ranges of at most MAX_CHUNK_BYTES."""
-    stub = WeightFile(name=side.name, size=side.size, headerLength=0, tensors={})
-    pieces = []
-    for at in range(0, max(side.size, 1), MAX_CHUNK_BYTES):
-        pieces.append(await source.read(file=stub, tensor=None, offset=at, length=min(MAX_CHUNK_BYTES, side.size - at)))
-    return b"".join(pieces)
 
 
 def _batches(wanted: dict[Part, list[str]], sizes: dict[str, int]) -> list[list[Part]]:

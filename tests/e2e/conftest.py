@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cluster import ExoProcess
-from harness.serving import Served, serving_cluster
+from harness.serving import Reference, Served, serving_cluster
 
 
 @pytest.fixture(scope="package")
@@ -17,6 +17,12 @@ def tiny_model() -> Path:
     from exo_ctl.model_builder.build_model import build_model
 
     return Path(build_model("tiny"))
+
+
+@pytest.fixture(scope="package")
+def tiny_reference(tiny_model: Path) -> Reference:
+    """Single-process mlx-lm on the tiny model, what the cluster's answers are compared with."""
+    return Reference(tiny_model)
 
 
 @pytest.fixture(scope="package")

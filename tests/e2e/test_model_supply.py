@@ -24,25 +24,13 @@ MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from exo_ctl.model_builder.build_model import build_model
-
-    return build_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir: Path) -> Reference:
-    return Reference(model_dir)
-
-
-def hf_home(root: Path, model_dir: Path | None) -> Path:
-    """A Hugging Face home for one node: with ``model_dir`` in its hub cache as ``REPO``, or empty."""
+def hf_home(root: Path, model: Path | None) -> Path:
+    """A Hugging Face home for one node: with ``model`` in its hub cache as ``REPO``, or empty."""
     hub = root / "hub"
     hub.mkdir(parents=True)
-    if model_dir is not None:
+    if model is not None:
         repo = hub / ("models--" + REPO.replace("/", "--"))
-        shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
+        shutil.copytree(model, repo / "snapshots" / COMMIT)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(COMMIT)
     return root
@@ -94,15 +82,15 @@ def start(tmp_path: Path, envs: list[dict[str, str]], extra_args: list[list[str]
 
 
 def test_nodes_without_the_model_load_only_their_layers_from_the_one_member_that_has_it(
-        tmp_path: Path, model_dir: Path, reference: Reference) -> None:
-    homes = [hf_home(tmp_path / f"hf{i}", model_dir if i == 0 else None) for i in range(3)]
+        tmp_path: Path, tiny_model: Path, tiny_reference: Reference) -> None:
+    homes = [hf_home(tmp_path / f"hf{i}", tiny_model if i == 0 else None) for i in range(3)]
     cluster = start(tmp_path, [node_env(home, hub=None) for home in homes], [[], [], []])
     try:
         entry = cluster.nodes[1]  # a node with no copy: its tokenizer files come from node0 too
         apply(entry, "supply", SOURCE, strategy="Spread")
         shards = wait_serving(entry, "supply", stages=3, timeout=180)
-        prompt_ids = reference.chat_ids(MESSAGES)
-        expected = reference.text(reference.greedy(prompt_ids, MAX_TOKENS))
+        prompt_ids = tiny_reference.chat_ids(MESSAGES)
+        expected = tiny_reference.text(tiny_reference.greedy(prompt_ids, MAX_TOKENS))
         assert greedy_text(entry, "supply") == expected
         assert greedy_text(cluster.nodes[2], "supply") == expected
 
@@ -130,10 +118,10 @@ def test_nodes_without_the_model_load_only_their_layers_from_the_one_member_that
         print(cluster.logs())
 
 
-def test_a_peer_that_dies_mid_transfer_leaves_the_rest_to_the_hub(tmp_path: Path, model_dir: Path,
-                                                                    reference: Reference) -> None:
-    with FakeHub({REPO: model_dir}) as hub:
-        homes = [hf_home(tmp_path / f"hf{i}", model_dir if i == 2 else None) for i in range(3)]
+def test_a_peer_that_dies_mid_transfer_leaves_the_rest_to_the_hub(tmp_path: Path, tiny_model: Path,
+                                                                    tiny_reference: Reference) -> None:
+    with FakeHub({REPO: tiny_model}) as hub:
+        homes = [hf_home(tmp_path / f"hf{i}", tiny_model if i == 2 else None) for i in range(3)]
         envs = [node_env(home, hub=hub.endpoint) for home in homes]
         # node2 holds the model and serves it slowly; it gets no layers (serve=yes elsewhere).
         args = [["--label", "serve=yes"], ["--label", "serve=yes"], ["--weights-serve-rate", "1Mi"]]
@@ -156,11 +144,11 @@ def test_a_peer_that_dies_mid_transfer_leaves_the_rest_to_the_hub(tmp_path: Path
             cluster.nodes[2].kill()
             shards = wait_serving(entry, "relay", stages=2, timeout=180)
 
-            expected = reference.text(reference.greedy(reference.chat_ids(MESSAGES), MAX_TOKENS))
+            expected = tiny_reference.text(tiny_reference.greedy(tiny_reference.chat_ids(MESSAGES), MAX_TOKENS))
             assert greedy_text(entry, "relay") == expected
             weights = [f for (repo, f) in hub.served_bytes if repo == REPO and f.endswith(".safetensors")]
             from_hub = sum(hub.served_bytes[(REPO, f)] for f in weights)
-            total = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+            total = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
             assert 0 < from_hub < total, "the hub served only what the peer had not"
             for node, shard in zip(cluster.nodes[:2], sorted(shards, key=lambda s: s["spec"]["nodeName"])):
                 share = shard["spec"]["memoryBytes"]

@@ -32,7 +32,7 @@ from reconciler.models.metadata import (
 MODEL_INFO_KIND = "ModelInfo"  # a store kind of its own, not served by the Kubernetes API
 SIDE_FILE_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.py")
 MAX_SIDE_FILE_BYTES = 64 << 20  # a tokenizer.json is a few MB; anything bigger is not a side file
-_HASH_CHUNK = 8 << 20
+_HASH_CHUNK = 1 << 20
 
 Part = int | Literal["embedding", "lm_head", "head"]
 
@@ -167,12 +167,15 @@ def file_sha256(file: Path) -> str:
 
 
 def _range_sha256(handle: Any, offset: int, length: int) -> str:
-    digest = hashlib.sha256()
+    # One reused buffer: hashing a model's every byte must not leave the node's heap holding chunks
+    # (glibc keeps freed allocations under its mmap threshold, so fresh 8 MiB reads stay resident).
+    digest, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
     handle.seek(offset)
     while length > 0:
-        chunk = handle.read(min(_HASH_CHUNK, length))
-        if not chunk:
+        got = handle.readinto(view[:min(_HASH_CHUNK, length)])
+        if not got:
             raise ModelMetadataError(f"{handle.name}: ends inside a tensor's bytes (truncated file?)")
-        digest.update(chunk)
-        length -= len(chunk)
+        digest.update(view[:got])
+        length -= got
     return digest.hexdigest()

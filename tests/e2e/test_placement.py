@@ -40,8 +40,11 @@ MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 EXOCTL = Path(sys.executable).with_name("exoctl")
 # Beyond its weights a loaded stage costs the node its compute thread, allocator pools and the
-# deployment's tokenizer (~3.5 MiB measured); the node's own churn (Raft log, HTTP) adds a little.
-RSS_SLACK = 16 * MiB
+# deployment's tokenizer (~3.5 MiB measured); the node's own churn (Raft log, HTTP) adds a little,
+# and the node that holds the model also hashes it for the ModelInfo record. Measured over the stage:
+# 8.5-9.5 MiB on a follower, 12.8-17 MiB on the leader (CI). Far below the check that matters, that
+# a node holds much less than the whole model.
+RSS_SLACK = 24 * MiB
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -203,31 +206,36 @@ def test_each_node_process_holds_only_its_own_layers_of_the_small_model_and_free
     time.sleep(1.0)  # the nodes are settled with the tiny model loaded: this is their baseline
     before = {n.name: rss(n) for n in world.live}
     apply(world.api, deployment("small", str(small)))
-    shards = wait_until(lambda: serving(world.api, "small", profile.num_layers), timeout=90, what="small Ready",
-                        cluster=cluster)
-    assert len(shards) == 3
-    whole = whole_model_rss_delta(small)
-    assert whole >= profile.total_bytes * 0.9, f"the whole-model process grew only {whole / MiB:.1f} MiB"
-    world.figures["small_whole_model_rss_delta_MiB"] = whole / MiB
-    nodes = {n.name: n for n in world.live}
-    for shard in shards:
-        node, own = nodes[shard["spec"]["nodeName"]], shard["status"]["bytesLoaded"]
-        assert own == stage_bytes(profile, shard)
-        grown = rss(node) - before[node.name]
-        world.figures[f"small_rss_delta_{node.name}_MiB"] = grown / MiB
-        world.figures[f"small_stage_{node.name}_MiB"] = own / MiB
-        assert grown <= own + RSS_SLACK, (node.name, grown / MiB, own / MiB)
-        assert grown < whole - (profile.total_bytes - own) / 2, (node.name, grown / MiB, whole / MiB)
+    try:
+        shards = wait_until(lambda: serving(world.api, "small", profile.num_layers), timeout=90, what="small Ready",
+                            cluster=cluster)
+        assert len(shards) == 3
+        whole = whole_model_rss_delta(small)
+        assert whole >= profile.total_bytes * 0.9, f"the whole-model process grew only {whole / MiB:.1f} MiB"
+        world.figures["small_whole_model_rss_delta_MiB"] = whole / MiB
+        nodes = {n.name: n for n in world.live}
+        for shard in shards:
+            node, own = nodes[shard["spec"]["nodeName"]], shard["status"]["bytesLoaded"]
+            assert own == stage_bytes(profile, shard)
+            grown = rss(node) - before[node.name]
+            world.figures[f"small_rss_delta_{node.name}_MiB"] = grown / MiB
+            world.figures[f"small_stage_{node.name}_MiB"] = own / MiB
+            assert grown <= own + RSS_SLACK, (node.name, grown / MiB, own / MiB)
+            assert grown < whole - (profile.total_bytes - own) / 2, (node.name, grown / MiB, whole / MiB)
 
-    loaded = {n.name: rss(n) for n in world.live}
-    assert world.api.request("DELETE", f"{MDS}/small")[0] == 200
-    wait_until(lambda: not shards_of(world.api, "small"), timeout=20, what="small's shards gone", cluster=cluster)
-    for shard in shards:
-        node, own = nodes[shard["spec"]["nodeName"]], shard["status"]["bytesLoaded"]
-        # Freed: at least 3/4 of the stage's bytes go back to the system (glibc and MLX keep a little).
-        freed = wait_until(lambda: (f := loaded[node.name] - rss(node)) >= 0.75 * own and (f,) or None, timeout=10,
-                           what=f"{node.name} freeing its stage", cluster=cluster)[0]
-        world.figures[f"small_rss_freed_on_delete_{node.name}_MiB"] = freed / MiB
+        loaded = {n.name: rss(n) for n in world.live}
+        assert world.api.request("DELETE", f"{MDS}/small")[0] == 200
+        wait_until(lambda: not shards_of(world.api, "small"), timeout=20, what="small's shards gone", cluster=cluster)
+        for shard in shards:
+            node, own = nodes[shard["spec"]["nodeName"]], shard["status"]["bytesLoaded"]
+            # Freed: at least 3/4 of the stage's bytes go back to the system (glibc and MLX keep a little).
+            freed = wait_until(lambda: (f := loaded[node.name] - rss(node)) >= 0.75 * own and (f,) or None, timeout=10,
+                               what=f"{node.name} freeing its stage", cluster=cluster)[0]
+            world.figures[f"small_rss_freed_on_delete_{node.name}_MiB"] = freed / MiB
+    finally:  # a failure here must not leave the small model on the nodes the next tests share
+        if get_deployment(world.api, "small") is not None:
+            world.api.request("DELETE", f"{MDS}/small")
+            wait_until(lambda: not shards_of(world.api, "small"), timeout=20, what="small's shards gone")
 
 
 def test_a_fourth_node_joining_takes_its_share_and_no_other_node_loads_a_new_layer(world):

@@ -13,8 +13,11 @@ of joining a prompt at a time and finishing one by one in ever smaller batches (
 after). A request has at most one chunk in a step (its chunks run in order).
 A decode step with fewer rows than the last one waits briefly (``MAX_GATHER_S``) for the others,
 whose next chunks come back one by one from the origin, instead of starting with the first.
-The KV caches of the rows of the last batch stay merged (``DecodeBatch``) while the same
-requests keep stepping together; rows are split off or merged in as the set changes.
+The KV caches of the rows of a batch stay merged (``DecodeBatch``) while the same requests keep
+stepping together; rows are split off or merged in as the set changes. A stage with a next one
+steps its requests in two alternating halves, so a shard keeps one merged batch per half
+(``DecodeBatches``): re-merging the other half's caches at every step cost a fifth of the step
+(the small model's first 6 layers, 4 rows of 30 positions: 217 ms a step against 176 ms).
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class DecodeBatch:
             self._keep([self.rows.index(r) for r in requests])
             return self.caches  # type: ignore[return-value]
         self.dissolve()
+        for request in requests:  # rows merged in another group's batch come out of it first
+            if request.batch is not None and request.batch is not self:
+                request.batch.release(request, keep_cache=True)
         caches = [r.cache if r.cache is not None else self.shard.make_cache() for r in requests]
         self.caches = self.shard.merge_caches(caches)
         for request in requests:
@@ -123,6 +129,21 @@ class DecodeBatch:
         self.rows = [self.rows[i] for i in rows]
 
 
+class DecodeBatches:
+    """A shard's merged decode batches, one per group of requests that step together (a stage
+    with a next one alternates two halves of its requests); compute thread only."""
+
+    def __init__(self, shard: Any, groups: int = 2) -> None:
+        self.shard = shard
+        self._batches = [DecodeBatch(shard) for _ in range(groups)]
+
+    def for_rows(self, requests: list[Any]) -> DecodeBatch:
+        """The batch to step ``requests`` in: the one already holding most of them, else an empty
+        one, so a new group does not break up another group's merged caches."""
+        wanted = set(requests)
+        return max(self._batches, key=lambda batch: (len(wanted.intersection(batch.rows)), not batch.rows))
+
+
 Outcome = Any  # a Frame to send, None (nothing to send), or the exception that failed the chunk
 Submit = Callable[..., "concurrent.futures.Future[list[Outcome]]"]
 
@@ -130,18 +151,19 @@ Submit = Callable[..., "concurrent.futures.Future[list[Outcome]]"]
 class ShardBatcher:
     """Chunks of one shard waiting for its compute thread, and the step that runs there now.
 
-    ``run_one(job) -> Outcome`` and ``run_rows(batch, jobs) -> [Outcome]`` run on the compute
+    ``run_one(job) -> Outcome`` and ``run_rows(batches, jobs) -> [Outcome]`` run on the compute
     thread (through ``submit``); ``deliver(job, outcome)`` runs on the loop, in step order."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, submit: Submit, run_one: Callable[[Job], Outcome],
-                 run_rows: Callable[[DecodeBatch, list[Job]], list[Outcome]] | None, batch: DecodeBatch | None,
+                 run_rows: Callable[[DecodeBatches, list[Job]], list[Outcome]] | None,
+                 batches: DecodeBatches | None,
                  deliver: Callable[[Job, Outcome], None], max_batch_size: int,
                  observe: Callable[[int, list[float]], None] | None = None,
                  row_limit: Callable[[int], int] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size if run_rows is not None else 1
-        self.batch = batch
+        self.batches = batches
         self._loop, self._submit = loop, submit
         self._run_one, self._run_rows, self._deliver = run_one, run_rows, deliver
         self._observe = observe  # (rows in the step, queue wait of each) per step
@@ -242,7 +264,7 @@ class ShardBatcher:
                 self._observe(len(forward), [now - job.arrived for job in forward])
         try:
             if decoding and len(jobs) > 1:
-                future = self._submit(self._run_rows, self.batch, jobs)
+                future = self._submit(self._run_rows, self.batches, jobs)
             else:
                 future = self._submit(self._run_each, jobs)
         except RuntimeError as exc:  # the compute thread is shut down (the shard is being unloaded)

@@ -43,7 +43,7 @@ from reconciler.datapath.wire import (
     tensor_to_array,
     write_frame,
 )
-from reconciler.datapath.batcher import DEFAULT_MAX_BATCH_SIZE, DecodeBatch, Job, ShardBatcher
+from reconciler.datapath.batcher import DEFAULT_MAX_BATCH_SIZE, DecodeBatch, DecodeBatches, Job, ShardBatcher
 from reconciler.datapath.sampled import token_meta
 from reconciler.datapath.sampling import RequestSampler
 from reconciler.runtime.shard_model import ShardModel
@@ -141,7 +141,7 @@ def _compute(job: Job) -> Frame | None:
     return _sample(request, out[:, -1, :])
 
 
-def _compute_rows(batch: DecodeBatch, jobs: list[Job]) -> list[Frame | None | Exception]:
+def _compute_rows(batches: DecodeBatches, jobs: list[Job]) -> list[Frame | None | Exception]:
     """Runs on the compute thread: the single-token chunks of several requests as one forward."""
     outcomes: list[Frame | None | Exception] = [None] * len(jobs)
     rows: list[int] = []
@@ -159,7 +159,7 @@ def _compute_rows(batch: DecodeBatch, jobs: list[Job]) -> list[Frame | None | Ex
             outcomes[index] = _outcome(_compute, jobs[index])
         return outcomes
     requests = [jobs[i].request for i in rows]
-    shard = batch.shard
+    shard, batch = batches.shard, batches.for_rows(requests)
     try:
         caches = batch.arrange(requests)
         x = mx.concatenate([tensor_to_array(jobs[i].frame.tensor) for i in rows], axis=0)
@@ -332,7 +332,7 @@ class StageServer:
         else:
             self._batch_limits[name] = max_batch_size
         if (batcher := self._batchers.get(name)) is not None:
-            batcher.max_batch_size = self.batch_limit(name) if batcher.batch is not None else 1
+            batcher.max_batch_size = self.batch_limit(name) if batcher.batches is not None else 1
 
     def batch_limit(self, name: str) -> int:
         return self._batch_limits.get(name, self.max_batch_size)
@@ -518,7 +518,7 @@ class StageServer:
             observer = self.step_observer
             batcher = ShardBatcher(
                 loop=self._loop, submit=shard.compute.submit, run_one=_compute,
-                run_rows=_compute_rows if batched else None, batch=DecodeBatch(shard) if batched else None,
+                run_rows=_compute_rows if batched else None, batches=DecodeBatches(shard) if batched else None,
                 deliver=self._deliver, max_batch_size=self.batch_limit(name),
                 observe=None if observer is None else lambda rows, waits: observer(name, rows, waits),
                 row_limit=None if shard.is_last else lambda limit: min(limit, _half(self.active_requests(name))),

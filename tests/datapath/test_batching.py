@@ -165,7 +165,7 @@ async def steps_of(jobs: list[Job], *, max_batch_size: int = 8) -> list[list[tup
         return future
 
     batcher = ShardBatcher(loop=loop, submit=submit, run_one=lambda job: None,
-                           run_rows=lambda batch, rows: [None] * len(rows), batch=None,
+                           run_rows=lambda batch, rows: [None] * len(rows), batches=None,
                            deliver=lambda job, outcome: delivered.append(job), max_batch_size=max_batch_size)
     for job in jobs:
         batcher.add(job)
@@ -195,3 +195,71 @@ async def test_a_prompt_chunk_larger_than_the_step_runs_alone_and_a_step_prefill
         [[("a", 300)], [("b", 2)], [("c", 2)]]
     assert await steps_of([chunk(a, 3), chunk(b, 2), chunk(c, 2)], max_batch_size=2) == \
         [[("a", 3), ("b", 2)], [("c", 2)]]
+
+
+class CountingMerges:
+    """A real shard that counts how often request caches are merged into a batch."""
+
+    def __init__(self, shard) -> None:
+        self._shard, self.merges = shard, 0
+
+    def __getattr__(self, name):
+        return getattr(self._shard, name)
+
+    def merge_caches(self, caches):
+        self.merges += 1
+        return self._shard.merge_caches(caches)
+
+
+def test_two_halves_stepping_in_turn_keep_their_own_merged_batches_and_a_row_moving_keeps_its_cache(tiny_model):
+    import mlx.core as mx
+
+    from reconciler.datapath.batcher import DecodeBatches
+    from reconciler.runtime import load_shard
+
+    shard = load_shard(tiny_model, start=0, end=6)
+    try:
+        def run():
+            counted = CountingMerges(shard)
+
+            class Row:
+                cache = batch = None
+
+            def greedy(out, row):
+                return int(mx.argmax(out[row, -1]).item())
+
+            def prefilled(prompt):
+                row = Row()
+                row.cache = shard.make_cache()
+                row.token = greedy(shard.forward(mx.array([prompt]), cache=row.cache), 0)
+                return row
+
+            alone = [prefilled(p) for p in PROMPTS[:4]]
+            expected = []
+            for row in alone:  # each request stepped by itself
+                tokens = []
+                for _ in range(6):
+                    row.token = greedy(shard.forward(mx.array([[row.token]]), cache=row.cache), 0)
+                    tokens.append(row.token)
+                expected.append(tokens)
+
+            rows = [prefilled(p) for p in PROMPTS[:4]]
+            got = [[] for _ in rows]
+            batches = DecodeBatches(counted)
+            # Halves (0, 1) and (2, 3) step in turn three times each; then row 2 joins the first half.
+            groups = [[0, 1], [2, 3]] * 3 + [[0, 1, 2], [3]] * 3
+            for group in groups:
+                members = [rows[i] for i in group]
+                caches = batches.for_rows(members).arrange(members)
+                out = shard.forward(mx.array([[r.token] for r in members]), cache=caches)
+                for row_index, i in enumerate(group):
+                    rows[i].token = greedy(out, row_index)
+                    got[i].append(rows[i].token)
+            return counted.merges, got, expected
+
+        merges, got, expected = shard.compute.call(run)
+    finally:
+        shard.close()
+    assert got == expected
+    # One merge per half, then one when row 2 moves over; the halves never re-merge each other.
+    assert merges == 3, merges

@@ -33,7 +33,7 @@ async def run_steps(jobs: list[Job], *, max_batch_size: int = 8, batched: bool =
             done.set()
 
     batcher = ShardBatcher(loop=asyncio.get_running_loop(), submit=executor.submit, run_one=run_one,
-                           run_rows=run_rows if batched else None, batch=None, deliver=deliver,
+                           run_rows=run_rows if batched else None, batches=None, deliver=deliver,
                            max_batch_size=max_batch_size)
     for job in jobs:
         batcher.add(job)
@@ -83,7 +83,7 @@ async def test_next_chunks_that_come_back_one_by_one_still_step_together():
             finished.set()
 
     batcher = ShardBatcher(loop=loop, submit=executor.submit, run_one=lambda job: None, run_rows=run_rows,
-                           batch=None, deliver=deliver, max_batch_size=8)
+                           batches=None, deliver=deliver, max_batch_size=8)
     for request in "abc":
         batcher.add(chunk(request, 1))
     await asyncio.wait_for(finished.wait(), 5)

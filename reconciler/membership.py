@@ -12,7 +12,7 @@ import hmac
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,8 +152,10 @@ async def _forward_to_leader(request: web.Request, *, store: RaftStore, info: Me
 
 async def fetch_members(peers: Sequence[str], *, secret: str, deadline: float) -> dict[str, Any]:
     """The members document from the first peer that answers (retrying until ``deadline``,
-    a time.monotonic() value). A 401 is final: the secret is wrong."""
-    return await _ask(peers, secret=secret, deadline=deadline, method="GET", body=None)
+    a time.monotonic() value). A 401 is final: the secret is wrong. A peer still starting
+    answers an empty member list: asked again, like a peer that does not answer yet."""
+    return await _ask(peers, secret=secret, deadline=deadline, method="GET", body=None,
+                      ready=lambda payload: bool(isinstance(payload, dict) and payload.get("members")))
 
 
 async def request_admission(peers: Sequence[str], *, secret: str, info: MemberInfo,
@@ -162,7 +164,8 @@ async def request_admission(peers: Sequence[str], *, secret: str, info: MemberIn
 
 
 async def _ask(peers: Sequence[str], *, secret: str, deadline: float, method: str,
-               body: dict[str, Any] | None) -> dict[str, Any]:
+               body: dict[str, Any] | None,
+               ready: Callable[[Any], bool] = lambda payload: True) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {secret}"}
     last = "no peer answered"
     delay = 0.2
@@ -180,8 +183,11 @@ async def _ask(peers: Sequence[str], *, secret: str, deadline: float, method: st
                         resp = await session.request(method, f"http://{peer}{MEMBERS_PATH}", json=body, headers=headers)
                     async with resp:
                         payload = await resp.json(content_type=None)
-                        if resp.status == 200:
+                        if resp.status == 200 and ready(payload):
                             return payload
+                        if resp.status == 200:
+                            last = f"{peer} reports no raft members yet (still starting?)"
+                            continue
                         message = payload.get("message") if isinstance(payload, dict) else payload
                         if resp.status == 401:
                             raise SecretRefused(f"{peer} refused the cluster secret (401): use the secret "

@@ -1,6 +1,7 @@
 """How a starting node picks its way into a cluster, and what its API port answers meanwhile."""
 import asyncio
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -125,3 +126,35 @@ async def test_a_candidate_is_alive_while_either_its_api_or_its_raft_port_accept
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_fetching_members_asks_again_while_the_peer_still_reports_none():
+    """A peer whose API answers before its Raft store is up lists no members: the joining node
+    waits for it (it used to give up with "the peer reported no raft members")."""
+    from aiohttp import web
+
+    from reconciler.membership import MEMBERS_PATH, JoinError, fetch_members
+
+    answers = [{"members": []}, {"members": []}, {"members": [{"raftAddress": "127.0.0.1:1"}]}]
+    seen = []
+
+    async def members(request):
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response(answers[min(len(seen), len(answers)) - 1])
+
+    app = web.Application()
+    app.router.add_get(MEMBERS_PATH, members)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        document = await fetch_members([f"127.0.0.1:{port}"], secret="s", deadline=time.monotonic() + 20)
+        assert document["members"] == [{"raftAddress": "127.0.0.1:1"}]
+        assert len(seen) == 3 and set(seen) == {"Bearer s"}
+        answers[:] = [{"members": []}]
+        with pytest.raises(JoinError, match="reports no raft members yet"):
+            await fetch_members([f"127.0.0.1:{port}"], secret="s", deadline=time.monotonic() + 0.5)
+    finally:
+        await runner.cleanup()

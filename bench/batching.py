@@ -89,11 +89,11 @@ def cluster_run(model: Path, *, stages: int, config: str, counts: list[int], tok
     try:
         wait_nodes_ready(cluster, stages)
         entry = cluster.nodes[0]
-        compute = node_compute(entry)
         body = manifest("bench", model, strategy="Pack" if stages == 1 else "Spread", streams=max(counts))
         status, _, reply = entry.request("PATCH", f"{DEPLOYMENTS}/bench", body=body, content_type=APPLY)
         assert status in (200, 201), reply
         wait_serving(entry, "bench", stages=stages, timeout=120)
+        compute = node_compute(entry)  # read once serving: a node reports its compute after its start-up profile
         stream_completion(entry, "Warm-up:", 4)
         runs = [streams(entry, count, tokens) for count in counts]
         base = runs[0]["decode_tps"]

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -54,13 +56,23 @@ def _run_step(what: str, command: list[str], *, cwd: Path | None = None, log: Pa
         raise LlamaCppUnavailable(f"{what} failed (exit {done.returncode}, log {log}):\n{tail}")
 
 
+def _pip() -> list[str]:
+    """The environment's pip, else the one on PATH (a uv-made venv has none)."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    found = shutil.which("pip3") or shutil.which("pip")
+    if found is None:
+        raise LlamaCppUnavailable("no pip to download the llama-cpp-python sdist with (neither in this venv nor on PATH)")
+    return [found]
+
+
 def llama_cpp_source(cache: Path = CACHE) -> Path:
     """The vendored llama.cpp tree of the llama-cpp-python sdist, downloaded once with pip."""
     sdists = cache / "sdist"
     found = sorted(sdists.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         sdists.mkdir(parents=True, exist_ok=True)
-        _run_step("pip download llama-cpp-python", [sys.executable, "-m", "pip", "download", "--no-binary", ":all:",
+        _run_step("pip download llama-cpp-python", [*_pip(), "download", "--no-binary", ":all:",
                                                     "--no-deps", "llama-cpp-python", "-d", str(sdists)],
                   log=cache / "pip-download.log")
         found = sorted(sdists.glob("llama_cpp_python-*.tar.gz"))

@@ -194,9 +194,12 @@ def _load(config: dict[str, Any], ring: Any) -> Any:
     num_layers = _read_num_layers(path)
     model, model_config = load_stage_model(path, tensors=config.get("tensors"))  # a partial copy: what it must hold
     layout = find_layout(model, num_layers=num_layers)
+    # The dtype first: mlx-lm's quantize_model converts only plain Linear layers, and its
+    # ``shard`` splits quantized ones too (sharded first, a rank's layers stayed in the files' dtype).
+    # Lazy, so the layers of other stages are never converted.
+    model_config = apply_dtype(model, model_config, dtype=config.get("dtype"), model_path=path)
     model.shard(ring)  # mlx-lm's own tensor-parallel split, before the other stages' layers go
     inlet = split_model(model, layout, start=start, end=end, num_layers=num_layers)
-    model_config = apply_dtype(model, model_config, dtype=config.get("dtype"), model_path=path)
     if end == num_layers:
         _shard_head(model, layout, ring)  # after the dtype: a quantized head stays whole
     for layer in _inner(model, layout).layers[start:end]:

@@ -95,3 +95,50 @@ async def test_a_later_stage_over_two_ranks_turns_hidden_states_into_the_logits_
         rank1.close()
     assert logits.shape == expected.shape
     assert np.allclose(logits, np.array(expected), atol=1e-4)
+
+
+async def test_two_ranks_quantize_before_they_split_so_each_holds_half_of_the_quantized_layers(tmp_path):
+    """spec.model.dtype 8bit on float files: the ranks quantize the layers, then split them with
+    mlx-lm's own shard (which splits quantized layers too); greedy tokens equal mlx-lm's on the
+    model quantized the same way, and each rank holds about half of the quantized bytes."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.utils import load_model
+
+    from reconciler.runtime.shard_model import parameter_bytes
+    from reconciler.runtime.weight_dtype import apply_dtype
+
+    # Dimensions that quantization groups of 64 divide, also after a split in two.
+    config = {**LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
+              "num_key_value_heads": 2}
+    model = write_model(tmp_path / "llama", config, dtype="float32")
+    reference, reference_config = load_model(model)
+    apply_dtype(reference, reference_config, dtype="8bit", model_path=model)
+    whole = parameter_bytes(reference)
+    expected = [int(t) for t, _ in generate_step(mx.array(PROMPT), reference, max_tokens=8,
+                                                 sampler=make_sampler(temp=0.0))]
+
+    ports = [tg.ring_ports(f"q8-{tmp_path.name}", rank=r)[0] for r in range(2)]
+    peers = [TensorPeer(node=f"n{r}", address=f"127.0.0.1:{ports[r]}") for r in range(2)]
+    groups = [TensorGroup(rank=r, size=2, peers=peers) for r in range(2)]
+    leader = asyncio.ensure_future(open_tensor_shard(model, start=0, end=2, dtype="8bit", group=groups[0],
+                                                     data_token="cluster"))
+    rank1 = await open_tensor_shard(model, start=0, end=2, dtype="8bit", group=groups[1], data_token="cluster")
+    rank0 = await leader
+
+    def decode() -> list[int]:
+        cache = rank0.make_cache()
+        tokens = [int(mx.argmax(rank0.forward(mx.array([PROMPT]), cache=cache)[0, -1]).item())]
+        for _ in range(7):
+            tokens.append(int(mx.argmax(rank0.forward(mx.array([[tokens[-1]]]), cache=cache)[0, -1]).item()))
+        return tokens
+
+    try:
+        got = rank0.compute.call(decode)
+    finally:
+        rank0.close()
+        rank1.close()
+    assert got == expected
+    # Half the quantized layers and head, plus the whole embedding: well under the quantized whole.
+    assert rank0.nbytes < 0.75 * whole, (rank0.nbytes, whole)

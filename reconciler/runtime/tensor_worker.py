@@ -147,17 +147,18 @@ def _watch_connections(group: TensorGroup, *, key: bytes, gid: bytes, deadline: 
 def _join_ring(group: TensorGroup, *, deadline: float) -> Any:
     import mlx.core as mx
 
-    hostfile = Path(tempfile.mkdtemp(prefix="exo-ring-")) / "hosts.json"
-    hostfile.write_text(json.dumps([[p.address] for p in group.peers]))
-    os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = str(hostfile), str(group.rank)
-    while True:
-        try:
-            ring = mx.distributed.init(strict=True, backend="ring")  # binds only to peers[rank]
-            break
-        except RuntimeError as error:
-            if time.monotonic() > deadline:
-                _fail(f"cannot form the ring {[p.address for p in group.peers]}: {error}")
-            time.sleep(0.5)
+    with tempfile.TemporaryDirectory(prefix="exo-ring-") as folder:  # MLX reads it in init only
+        hostfile = Path(folder) / "hosts.json"
+        hostfile.write_text(json.dumps([[p.address] for p in group.peers]))
+        os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = str(hostfile), str(group.rank)
+        while True:
+            try:
+                ring = mx.distributed.init(strict=True, backend="ring")  # binds only to peers[rank]
+                break
+            except RuntimeError as error:
+                if time.monotonic() > deadline:
+                    _fail(f"cannot form the ring {[p.address for p in group.peers]}: {error}")
+                time.sleep(0.5)
     if ring.size() != group.size or ring.rank() != group.rank:
         _fail(f"the ring has rank {ring.rank()} of {ring.size()}, the spec says {group.rank} of {group.size}")
     return ring

@@ -5,6 +5,7 @@ pipeline stage split over the ranks turns hidden states into the same logits as 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ async def test_two_ranks_quantize_before_they_split_so_each_holds_half_of_the_qu
     expected = [int(t) for t, _ in generate_step(mx.array(PROMPT), reference, max_tokens=8,
                                                  sampler=make_sampler(temp=0.0))]
 
+    ring_folders = set(Path(tempfile.gettempdir()).glob("exo-ring-*"))  # each rank's MLX hostfile
     ports = [tg.ring_ports(f"q8-{tmp_path.name}", rank=r)[0] for r in range(2)]
     peers = [TensorPeer(node=f"n{r}", address=f"127.0.0.1:{ports[r]}") for r in range(2)]
     groups = [TensorGroup(rank=r, size=2, peers=peers) for r in range(2)]
@@ -126,6 +128,7 @@ async def test_two_ranks_quantize_before_they_split_so_each_holds_half_of_the_qu
                                                      data_token="cluster"))
     rank1 = await open_tensor_shard(model, start=0, end=2, dtype="8bit", group=groups[1], data_token="cluster")
     rank0 = await leader
+    assert set(Path(tempfile.gettempdir()).glob("exo-ring-*")) == ring_folders, "a rank left its hostfile behind"
 
     def decode() -> list[int]:
         cache = rank0.make_cache()

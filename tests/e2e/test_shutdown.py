@@ -160,9 +160,26 @@ def signal_and_time_exit(node: ExoProcess, signum: int) -> tuple[float, float, i
     return sent, time.monotonic() - sent, code
 
 
-def restart_at_once(node: ExoProcess) -> None:
+def idle_keepalive(node: ExoProcess) -> http.client.HTTPConnection:
+    """A keep-alive connection to ``node``'s API, idle after one request: the node closes it
+    when it stops, which leaves it in TIME-WAIT on the node's own port once we close our end
+    (other connections end in TIME-WAIT on whichever side closed first: a race)."""
+    assert not node.tls
+    conn = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=5)
+    conn.request("GET", "/healthz")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200 and not response.will_close
+    return conn
+
+
+def restart_at_once(node: ExoProcess, held: http.client.HTTPConnection) -> None:
     """Start the stopped node again on the same ports, with its sockets still in TIME-WAIT."""
-    lingering = time_wait_ports(range(node.api_port, node.api_port + 3))  # api, raft, data
+    held.close()
+    ports = range(node.api_port, node.api_port + 3)  # api, raft, data
+    deadline = time.monotonic() + 2.0
+    while not (lingering := time_wait_ports(ports)) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert lingering, "the stop should leave connections in TIME-WAIT on the node's ports"
     started = time.monotonic()
     node.start()
@@ -208,6 +225,7 @@ def test_stopping_the_entry_node_mid_request_fails_its_requests_and_exits_within
     stream = Stream(entry)
     stream.wait_tokens(5)
     wait_active_requests(stage, 2)
+    held = idle_keepalive(entry)
 
     sent, took, code = signal_and_time_exit(entry, signum)
     assert code == 0, entry.log_text()
@@ -224,7 +242,7 @@ def test_stopping_the_entry_node_mid_request_fails_its_requests_and_exits_within
     watch.thread.join(1.0)
     assert watch.ended_at is not None and watch.ended_at - sent < EXIT_WITHIN_S
 
-    restart_at_once(entry)
+    restart_at_once(entry, held)
     wait_holding_a_shard(entry)
     wait_model_serving(entry)
     assert_serves(entry)
@@ -235,6 +253,7 @@ def test_stopping_a_stage_node_mid_request_fails_the_stream_at_its_entry_at_once
     entry, stage = cluster.nodes
     stream = Stream(entry)
     stream.wait_tokens(5)
+    held = idle_keepalive(stage)
 
     sent, took, code = signal_and_time_exit(stage, signal.SIGTERM)
     print(f"SIGTERM to a stage node with a request in flight: exit after {took:.2f}s")
@@ -245,7 +264,7 @@ def test_stopping_a_stage_node_mid_request_fails_the_stream_at_its_entry_at_once
     print(f"the entry's stream failed {stream.ended_at - sent:.2f}s after the signal: {error['message']}")
     assert stream.ended_at - sent < 2.0
 
-    restart_at_once(stage)
+    restart_at_once(stage, held)
     wait_holding_a_shard(stage)
     wait_model_serving(entry)
     assert_serves(entry)

@@ -169,11 +169,11 @@ def file_sha256(file: Path) -> str:
 def _range_sha256(handle: Any, offset: int, length: int) -> str:
     # One reused buffer: hashing a model's every byte must not leave the node's heap holding chunks
     # (glibc keeps freed allocations under its mmap threshold, so fresh 8 MiB reads stay resident).
-    digest, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    digest, buffer = hashlib.sha256(), bytearray(min(_HASH_CHUNK, length))  # a norm's few KB get a few KB
     view = memoryview(buffer)
     handle.seek(offset)
     while length > 0:
-        got = handle.readinto(view[:min(_HASH_CHUNK, length)])
+        got = handle.readinto(view[:min(len(buffer), length)])
         if not got:
             raise ModelMetadataError(f"{handle.name}: ends inside a tensor's bytes (truncated file?)")
         digest.update(view[:got])

@@ -2,7 +2,10 @@
 
 The client keeps one connection per stage server. For a request it sends OPEN to every stage
 (each learns its shard, next hop and sampling parameters), waits for all OPENED, then feeds the
-prompt to stage 0 in prefill chunks and each sampled token back in, one at a time. Every stage
+prompt to stage 0 in prefill chunks and each sampled token back in, one at a time: a token goes
+back to stage 0 before it is handed to the caller, so the stages compute the next one while the
+caller detokenizes and streams this one (as mlx-lm's generate_step computes step N+1 before it
+yields step N; a caller that stops early costs the stages that one step). Every stage
 connection is pinged while open, so a stage that dies, hangs or becomes unreachable fails the
 request within `dead_after_s` instead of hanging it.
 
@@ -273,11 +276,14 @@ class PipelineClient:
                     raise RouteError(f"stage {frame.stage} sent an unexpected {frame.kind.name} frame")
                 if frame.token in stops:
                     return
+                more = produced < max_tokens
+                if more:  # the stages compute the next token while the caller handles this one
+                    entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position,
+                                     tensor=_token_tensor([frame.token])))
+                    position += 1
                 yield frame.token if frame.meta is None else Sampled.from_meta(frame.token, frame.meta)
-                if produced == max_tokens:
+                if not more:
                     return
-                entry.send(Frame(Kind.FORWARD, request_id, flags=FLAG_SAMPLE, position=position, tensor=_token_tensor([frame.token])))
-                position += 1
         finally:
             for index, conn in enumerate(conns):
                 conn.requests.pop(request_id, None)

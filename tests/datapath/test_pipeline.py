@@ -153,3 +153,20 @@ async def test_a_stage_refuses_as_busy_a_request_beyond_those_it_reserved_memory
         assert await wait_until(lambda: running.active_requests() == [0, 0])
         again = await collect(client, running.route, PROMPT, max_tokens=4)  # the slot is free again
         assert again[0] == first
+
+
+async def test_the_next_token_is_computed_while_the_caller_still_holds_this_one(tiny_model, stages, reference_tokens):
+    expected = reference_tokens(tiny_model, PROMPT, max_tokens=3)
+    async with stages(tiny_model, SPLITS[2]) as running, PipelineClient() as client:
+        last = running.servers[-1]
+        steps = []
+        last.step_observer = lambda name, rows, waits: steps.append(rows)
+        tokens = client.generate(running.route, PROMPT, max_tokens=3)
+        async with contextlib.aclosing(tokens):
+            assert await anext(tokens) == expected[0]
+            before = len(steps)
+            # The caller has not asked for the second token, yet the last stage runs its step.
+            assert await wait_until(lambda: len(steps) == before + 1)
+            assert [t async for t in tokens] == expected[1:]
+        assert len(steps) == before + 2  # no step beyond max_tokens
+        assert await wait_until(lambda: running.active_requests() == [0, 0])

@@ -4,9 +4,11 @@ processes with 1, 2 and 3 stages (a fresh 1-, 2- and 3-node cluster, Spread), ag
 single-process mlx_lm on the same prompt ids; the milliseconds each token costs over the single
 process; time to first token of a long prompt (1,024 ids); the added latency per stage hop; peak
 RSS of each stage process against the single process; aggregate tokens/s with 1, 2 and 4
-concurrent requests.
+concurrent requests. Paired rounds (single process, then the cluster, back to back) give the added
+milliseconds a token with the machine's drift cancelled.
 
     uv run python -m bench.pipeline [--tokens 128] [--concurrent-tokens 48] [--model tiny --stages 1,2]
+                                    [--rounds 5]
     uv run python -m bench.pipeline --smoke   # tiny model, 2 stages, a few tokens (CI)
 """
 from __future__ import annotations
@@ -143,7 +145,11 @@ def rss(pid: int) -> int:
 
 def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurrent_tokens: int,
              root: Path, long_ids: list[int], repeats: int = 3, concurrency: tuple[int, ...] = (1, 2, 4),
-             pings: int = 200) -> dict[str, Any]:
+             pings: int = 200, rounds: int = 5) -> dict[str, Any]:
+    """One fresh cluster of ``stages`` nodes. Besides its own runs, ``rounds`` paired rounds each
+    run single-process mlx_lm and then the cluster, back to back, on the same prompt: the median of
+    their per-token differences is the cluster's added cost with the machine's drift cancelled
+    (single runs here swing by several ms a token from one minute to the next)."""
     cluster = start_cluster(stages, root / f"stages{stages}")
     try:
         wait_nodes_ready(cluster, stages)
@@ -164,6 +170,11 @@ def pipeline(model: Path, ids: list[int], *, stages: int, tokens: int, concurren
             "stage_nodes": [s["spec"]["nodeName"] for s in shards],
             "aggregate_tps": {c: aggregate(entry, ids, concurrent_tokens, c) for c in concurrency},
         }
+        paired = []
+        for _ in range(rounds):
+            alone = single_process(model, ids, tokens, repeats=1)["decode_tps"]
+            paired.append((1 / stream_completion(entry, ids, tokens)["decode_tps"] - 1 / alone) * 1000)
+        result["paired_added_ms"] = sorted(paired)
         result["peak_rss"] = {n.name: peak_rss(n.proc.pid) for n in cluster.nodes}
         result["baseline_rss"] = baseline
         return result
@@ -181,15 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("tiny", "small"), default="small")
     parser.add_argument("--stages", default="1,2,3", help="stage counts to run, e.g. 1,2")
     parser.add_argument("--long-prompt", type=int, default=1024, help="ids in the time-to-first-token prompt")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="paired rounds (single process, then the cluster) per stage count")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 stages, a few tokens")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: must be at least 1")
     if args.smoke:
         model, stage_counts, tokens, concurrent_tokens, long_prompt = build_model("tiny"), (2,), 6, 4, 48
-        options: dict[str, Any] = {"repeats": 1, "concurrency": (1, 2), "pings": 20}
+        options: dict[str, Any] = {"repeats": 1, "concurrency": (1, 2), "pings": 20, "rounds": 1}
     else:
         model, stage_counts = build_model(args.model), tuple(int(n) for n in args.stages.split(","))
         tokens, concurrent_tokens, long_prompt = args.tokens, args.concurrent_tokens, args.long_prompt
-        options = {}
+        options = {"rounds": args.rounds}
     if 2 not in stage_counts:
         parser.error("--stages: must include 2 (the figures compare 2 stages with one process)")
     from mlx_lm.utils import load_tokenizer
@@ -214,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         report["hop_ms_derived"] = {k: (per_token[k] - per_token[1]) / (k - 1) * 1000 for k in by_stages if k > 1}
     report["ratio_2stage_vs_single"] = by_stages[2]["decode_tps"] / single["decode_tps"]
     report["added_ms_per_token"] = {k: (1 / p["decode_tps"] - 1 / single["decode_tps"]) * 1000 for k, p in by_stages.items()}
+    report["paired_added_ms_per_token"] = {k: statistics.median(p["paired_added_ms"]) for k, p in by_stages.items()}
     report["long_ttft_ratio_2stage"] = by_stages[2]["long_ttft"] / single["long_ttft"]
     report["rss_ratio_2stage"] = {n: v / single["peak_rss"] for n, v in by_stages[2]["peak_rss"].items()}
     print(json.dumps(report, indent=1))
@@ -225,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 def _title(report: dict[str, Any], tokens: int) -> str:
     return (f"pipeline: {report['model']} model, {tokens} greedy tokens, prompt {report['prompt_tokens']} ids, "
             f"2 stages / single = {report['ratio_2stage_vs_single']:.2f}x, "
-            f"{report['added_ms_per_token'][2]:+.2f} ms/token; {report['long_prompt_tokens']}-id prompt TTFT "
+            f"{report['added_ms_per_token'][2]:+.2f} ms/token (paired rounds, median: "
+            f"{report['paired_added_ms_per_token'][2]:+.2f}); {report['long_prompt_tokens']}-id prompt TTFT "
             f"{report['long_ttft_ratio_2stage']:.2f}x single")
 
 
@@ -235,8 +252,11 @@ def _rows(single: dict[str, Any], by_stages: dict[int, dict[str, Any]]) -> list[
     return [
         ["decode tokens/s (best, median)", f"{single['decode_tps']:.2f} ({single['decode_tps_median']:.2f})",
          *(f"{p['decode_tps']:.2f} ({p['decode_tps_median']:.2f})" for p in pipes)],
-        ["ms per token (over single)", f"{1000 / single['decode_tps']:.2f}",
+        ["ms per token, best run (over single's best)", f"{1000 / single['decode_tps']:.2f}",
          *(f"{1000 / p['decode_tps']:.2f} ({1000 / p['decode_tps'] - 1000 / single['decode_tps']:+.2f})" for p in pipes)],
+        ["ms per token over single, paired rounds: median (range)", "-",
+         *(f"{statistics.median(p['paired_added_ms']):+.2f} ({p['paired_added_ms'][0]:+.2f} to "
+           f"{p['paired_added_ms'][-1]:+.2f}, {len(p['paired_added_ms'])} rounds)" for p in pipes)],
         ["time to first token", f"{single['ttft']:.2f} s", *(f"{p['ttft']:.2f} s" for p in pipes)],
         ["time to first token, long prompt", f"{single['long_ttft']:.2f} s",
          *(f"{p['long_ttft']:.2f} s ({p['long_ttft'] / single['long_ttft']:.2f}x)" for p in pipes)],

@@ -30,8 +30,9 @@ from reconciler.inference.cluster import ClusterBackend
 from reconciler.consistency_check import ConsistencyChecker, add_consistency_routes
 from reconciler.membership import MemberInfo, add_membership_routes
 from reconciler.metrics import NodeMetrics
-from reconciler.runtime.cpu_profile import loader_in
+from reconciler.runtime.cpu_profile import loader_in, node_dtypes, tensor_loader_in
 from reconciler.runtime.shard_model import open_shard
+from reconciler.runtime.tensor_shard import open_tensor_shard
 from reconciler.store.base import StoreUnavailable
 from reconciler.store.raft import RaftStore
 from reconciler.weights.peer import WeightServer
@@ -214,7 +215,9 @@ class ExoNode:
         self.shard_agent = ShardAgent(store=store, node_name=config.name, stage_server=self.stage_server,
                                       data_endpoint=f"{config.advertise_host}:{config.data_port}",
                                       metrics=self.metrics, loader=loader_in(options.compute.dtype, open_shard),
-                                      data_token=data_token, supply=self.supply)
+                                      data_token=data_token, supply=self.supply,
+                                      tensor_loader=tensor_loader_in(options.compute.dtype, open_tensor_shard,
+                                                                     node_dtypes=lambda: node_dtypes(store)))
         self._controllers = ControllerManager(
             store=store, controllers=[self.lifecycle, SchedulerController(store=store, node_name=config.name),
                                       self.shard_agent, ModelInfoPublisher(store=store, node_name=config.name)],

@@ -7,7 +7,7 @@ on CPU nodes fp32 can decode faster than bf16 despite twice the bytes; on GPUs b
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,5 +110,31 @@ def loader_in(compute_dtype: str, loader: Callable[..., Any]) -> Callable[..., A
     async def load(path: Path, *, dtype: str | None = None, **kwargs: Any) -> Any:
         chosen = serving_dtype(dtype, compute_dtype=compute_dtype, config=read_config(Path(path)))
         return await loader(path, dtype=chosen, **kwargs)
+
+    return load
+
+
+def node_dtypes(store: Any) -> dict[str, str]:
+    """Each Node's measured compute dtype in ``store`` (status.compute.dtype; "" where none)."""
+    nodes, _ = store.list("Node")
+    return {n["metadata"]["name"]: ((n.get("status") or {}).get("compute") or {}).get("dtype") or "" for n in nodes}
+
+
+def tensor_loader_in(compute_dtype: str, loader: Callable[..., Any], *,
+                     node_dtypes: Callable[[], Mapping[str, str]]) -> Callable[..., Any]:
+    """``loader_in`` for tensor ranks. The ranks of a group must hold one dtype (their all-sums add
+    arrays element by element), so a rank takes this node's ``compute_dtype`` only where every
+    rank's node reports the same one in ``node_dtypes()`` (node name -> Node status
+    compute.dtype); a group whose nodes measured differently loads the files' dtype, on every rank
+    alike (a node with another dtype never widens)."""
+    if not compute_dtype:
+        return loader
+    measured = loader_in(compute_dtype, loader)
+
+    async def load(path: Path, *, group: Any, **kwargs: Any) -> Any:
+        dtypes = node_dtypes()
+        if all(dtypes.get(peer.node) == compute_dtype for peer in group.peers):
+            return await measured(path, group=group, **kwargs)
+        return await loader(path, group=group, **kwargs)
 
     return load

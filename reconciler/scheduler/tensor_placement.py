@@ -4,12 +4,15 @@ Each stage runs on a group of N distinct nodes. The pipeline planner (``place_st
 layers over groups as if each were one node offering N × its smallest member's free memory (less
 per-rank overhead), then every stage is expanded into N ranks, each holding 1/N of the stage's
 layer weights and KV cache (embeddings and head are not split by mlx-lm) and checked against its
-own node. Current groups are kept whole when all their nodes are still eligible.
+own node. Current groups are kept whole when all their nodes are still eligible. A group whose
+nodes all compute in one wider dtype (Node status.compute.dtype) is planned at that width, as its
+ranks load (reconciler.runtime.cpu_profile.tensor_loader_in); a mixed group at the files' width.
 """
 from __future__ import annotations
 
 from exo_ctl.api.meta import Condition, ObjectMeta
-from exo_ctl.api.resources import ModelDeployment, Node, NodeCapacity, NodeSpec, NodeStatus, Shard
+from exo_ctl.api.resources import ModelDeployment, Node, NodeCapacity, NodeCompute, NodeSpec, NodeStatus, Shard
+from reconciler.models.memory import compute_scale
 from reconciler.models.metadata import ModelProfile
 from reconciler.scheduler.placement import (
     PlacementPlan, ShardAssignment, deployment_key, gib, node_is_ready, place_stages, serving_budget,
@@ -42,8 +45,10 @@ def place_tensor_groups(*, deployment: ModelDeployment, nodes: list[Node], shard
                                  - used.get(n.metadata.name, 0)) for n in eligible}
     groups = _groups(ours, free=free, ranks=ranks)
     overhead = serving_budget(deployment, profile).overhead_bytes(profile, last=True)
-    virtual = [_virtual_node(group, free=free, ranks=ranks, overhead=overhead, headroom=headroom, selector=selector)
-               for group in groups]
+    node_dtype = {n.metadata.name: n.status.compute.dtype if n.status else "" for n in eligible}
+    group_dtype = {GROUP_JOIN.join(group): _common({node_dtype[n] for n in group}) for group in groups}
+    virtual = [_virtual_node(group, free=free, ranks=ranks, overhead=overhead, headroom=headroom, selector=selector,
+                             dtype=group_dtype[GROUP_JOIN.join(group)]) for group in groups]
     members = {GROUP_JOIN.join(group): group for group in groups}
     current = [s.model_copy(update={"spec": s.spec.model_copy(update={"nodeName": GROUP_JOIN.join(g), "tensor": None})})
                for s in ours if s.spec.tensor is not None and s.spec.tensor.rank == 0
@@ -52,7 +57,8 @@ def place_tensor_groups(*, deployment: ModelDeployment, nodes: list[Node], shard
     assignments: list[ShardAssignment] = []
     for a in plan.assignments:
         group = members[a.node]
-        layers = sum(profile.layer_bytes[a.start:a.end])
+        scale = compute_scale(profile.dtype, node_dtype=group_dtype[a.node], requested=spec.model.dtype)
+        layers = int(sum(profile.layer_bytes[a.start:a.end]) * scale)  # as a.memory_bytes counts them
         weights = (a.memory_bytes - layers) + -(-layers // ranks)
         for rank, node in enumerate(group):
             rank_shard = a.model_copy(update={"node": node, "memory_bytes": weights, "tensor_rank": rank,
@@ -85,13 +91,19 @@ def _groups(ours: list[Shard], *, free: dict[str, int], ranks: int) -> list[list
     return groups
 
 
+def _common(dtypes: set[str]) -> str:
+    """The compute dtype every node of a group reports, or "" where they differ."""
+    return next(iter(dtypes)) if len(dtypes) == 1 else ""
+
+
 def _virtual_node(group: list[str], *, free: dict[str, int], ranks: int, overhead: int, headroom: int,
-                  selector: dict[str, str]) -> Node:
-    """A stand-in Node for the pipeline planner: what the group can hold of one stage."""
+                  selector: dict[str, str], dtype: str) -> Node:
+    """A stand-in Node for the pipeline planner: what the group can hold of one stage, computing
+    in ``dtype`` (its nodes' common one)."""
     offer = ranks * max(0, min(free[n] for n in group) - overhead) + overhead
     capacity = NodeCapacity(memory=offer + headroom)
     # Built without validation: "a+b" is no valid node name, which keeps it apart from real ones.
     return Node(metadata=ObjectMeta.model_construct(name=GROUP_JOIN.join(group), labels=dict(selector)),
                 spec=NodeSpec(nodeId=GROUP_JOIN.join(group), address="", apiPort=0, raftPort=0),
-                status=NodeStatus(capacity=capacity, allocatable=capacity,
+                status=NodeStatus(capacity=capacity, allocatable=capacity, compute=NodeCompute(dtype=dtype),
                                   conditions=[Condition(type="Ready", status="True")]))

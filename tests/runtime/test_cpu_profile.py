@@ -1,14 +1,18 @@
 """The start-up choice of compute dtype and BLAS: pure decisions over measurements and the host."""
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import math
 
 import pytest
 
+from exo_ctl.api.resources import TensorGroup
 from reconciler.models.memory import compute_scale
 from reconciler.runtime.blas import REEXEC_MARK, BlasError, preload_environment
-from reconciler.runtime.cpu_profile import choose_dtype, compute_profile, loaded_blas, time_matmuls
+from reconciler.runtime.cpu_profile import (choose_dtype, compute_profile, loaded_blas, tensor_loader_in,
+                                            time_matmuls)
 from reconciler.runtime.weight_dtype import serving_dtype
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
@@ -113,3 +117,23 @@ def test_a_stage_loads_in_the_users_dtype_else_widens_float_files_to_the_nodes_f
 ])
 def test_the_memory_plan_counts_the_bytes_of_the_dtype_a_node_loads_in(planned, node, requested, scale):
     assert compute_scale(planned, node_dtype=node, requested=requested) == scale
+
+
+@pytest.mark.parametrize(("dtypes", "loaded"), [
+    ({"a": "float32", "b": "float32"}, "float32"),  # the whole group computes fastest in float32
+    ({"a": "float32", "b": "bfloat16"}, None),  # mixed: every rank keeps the files' dtype
+    ({"a": "float32"}, None),  # a rank's node that reports nothing counts as different
+])
+def test_tensor_ranks_widen_only_where_every_rank_s_node_measured_the_same_dtype(tmp_path, dtypes, loaded):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    group = TensorGroup(rank=0, size=2, peers=[{"node": "a", "address": "127.0.0.1:1"},
+                                               {"node": "b", "address": "127.0.0.1:2"}])
+    seen = []
+
+    async def loader(path, *, dtype, group, start):
+        seen.append(dtype)
+
+    load = tensor_loader_in("float32", loader, node_dtypes=lambda: dtypes)
+    asyncio.run(load(tmp_path, dtype=None, group=group, start=0))
+    asyncio.run(load(tmp_path, dtype="bfloat16", group=group, start=0))  # spec.model.dtype always wins
+    assert seen == [loaded, "bfloat16"]

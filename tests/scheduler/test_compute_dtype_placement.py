@@ -2,7 +2,7 @@
 from exo_ctl.api.meta import Condition, ObjectMeta
 from exo_ctl.api.resources import (
     ModelDeployment, ModelDeploymentSpec, ModelSource, Node, NodeCapacity, NodeCompute, NodeSpec, NodeStatus,
-    Placement, Shard,
+    Parallelism, Placement, Shard,
 )
 from reconciler.models import ModelProfile
 from reconciler.models.memory import RUNTIME_BASELINE_BYTES
@@ -68,3 +68,18 @@ def test_an_asked_dtype_or_quantized_files_are_planned_as_they_are():
     nodes = [node("a", 9, dtype="float32")]
     assert place(deployment=deployment(dtype="bfloat16"), nodes=nodes, shards=[], profile=profile()).assignments
     assert place(deployment=deployment(), nodes=nodes, shards=[], profile=profile(dtype="4bit")).assignments
+
+
+def test_tensor_ranks_are_planned_at_their_group_s_common_dtype_and_a_mixed_group_at_the_files():
+    md = deployment()
+    md = md.model_copy(update={"spec": md.spec.model_copy(update={"parallelism": Parallelism(tensor=2)})})
+
+    def ranks(dtype_a, dtype_b):
+        plan = place(deployment=md, nodes=[node("a", 20, dtype=dtype_a), node("b", 20, dtype=dtype_b)], shards=[],
+                     profile=profile())
+        assert plan.schedulable, plan.reason
+        return sorted(a.memory_bytes for a in plan.assignments)
+
+    assert ranks("float32", "float32") == [8 * GIB, 8 * GIB]  # 8 bf16 layers, halved, widened
+    assert ranks("bfloat16", "bfloat16") == [4 * GIB, 4 * GIB]
+    assert ranks("float32", "bfloat16") == [4 * GIB, 4 * GIB]  # every rank loads the files' dtype

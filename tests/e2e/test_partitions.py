@@ -104,6 +104,14 @@ class Cluster:
             return None
         return {o["metadata"]["name"]: (o["metadata"]["resourceVersion"], o["spec"]) for o in reply["body"]["items"]}
 
+    def scheduled(self, host: Host) -> bool:
+        """Whether the scheduler has written the status of every ModelDeployment ``host`` serves
+        (``status.observedGeneration`` equals its generation): none will change unless written to."""
+        [reply] = self.call(host, [["GET", MD_PATH, None]])
+        return reply["status"] == 200 and all(
+            (o.get("status") or {}).get("observedGeneration") == o["metadata"]["generation"]
+            for o in reply["body"]["items"])
+
     def set_port(self, host: Host, state: str) -> None:
         subprocess.run(["ip", "-n", self.lab.hub, "link", "set", f"p{host.index}", state], check=True, timeout=10)
 
@@ -169,6 +177,12 @@ def test_a_cut_off_leader_refuses_writes_and_after_the_heal_every_node_serves_th
 
     writes = cluster.call(rest[1], [["POST", MD_PATH, deployment(f"big-{i}", big=True)] for i in range(40)])
     assert [r["status"] for r in writes] == [201] * 40, [r for r in writes if r["status"] != 201][:1]
+    # The majority's scheduler writes each new deployment's status after its create; what the
+    # healed replicas must match is taken once it has (else those writes land after the heal).
+    settle = time.time() + 15
+    while not cluster.scheduled(rest[0]):
+        assert time.time() < settle, "the majority's scheduler did not write every deployment's status in 15 s"
+        time.sleep(0.1)
     expected = cluster.objects(rest[0])
     assert expected is not None and len(expected) == 44
 

@@ -341,8 +341,13 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         config.install(server=nodes[0].url, token=admin)
         serving = True  # before the summary: a Ctrl-C right after it still counts as a clean stop
         print(serving_summary(nodes[0], inference, config_file=config.path, dashboard_token=view), file=out, flush=True)
+        # From here Ctrl-C and SIGTERM only ask the loop to end. A KeyboardInterrupt raised inside
+        # Popen.poll() can leave its internal lock held, and the later wait() in stop() then hangs.
+        asked: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
+        signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
         reported: set[str] = set()
-        while True:
+        while not asked:
             for gone in set(cluster.exited()) - reported:
                 print(f"exoctl demo: warning: node {gone} exited; see its log in {data_dir}", file=out, flush=True)
                 reported.add(gone)

@@ -30,7 +30,7 @@ from reconciler.inference.cluster import ClusterBackend
 from reconciler.consistency_check import ConsistencyChecker, add_consistency_routes
 from reconciler.membership import MemberInfo, add_membership_routes
 from reconciler.metrics import NodeMetrics
-from reconciler.runtime.cpu_profile import loader_in, node_dtypes, tensor_loader_in
+from reconciler.runtime.cpu_profile import loader_in, tensor_loader_in
 from reconciler.runtime.shard_model import open_shard
 from reconciler.runtime.tensor_shard import open_tensor_shard
 from reconciler.store.base import StoreUnavailable
@@ -216,8 +216,7 @@ class ExoNode:
                                       data_endpoint=f"{config.advertise_host}:{config.data_port}",
                                       metrics=self.metrics, loader=loader_in(options.compute.dtype, open_shard),
                                       data_token=data_token, supply=self.supply,
-                                      tensor_loader=tensor_loader_in(options.compute.dtype, open_tensor_shard,
-                                                                     node_dtypes=lambda: node_dtypes(store)))
+                                      tensor_loader=tensor_loader_in(open_tensor_shard))
         self._controllers = ControllerManager(
             store=store, controllers=[self.lifecycle, SchedulerController(store=store, node_name=config.name),
                                       self.shard_agent, ModelInfoPublisher(store=store, node_name=config.name)],

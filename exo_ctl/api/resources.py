@@ -210,6 +210,9 @@ class TensorGroup(Frozen):
     rank: int = Field(ge=0)
     size: int = Field(ge=2)
     peers: list[TensorPeer] = Field(description="every rank of the group, in rank order")
+    computeDtype: str | None = Field(default=None, description=(
+        "the dtype every rank loads float files in: the compute dtype all the group's nodes measured "
+        "(Node status.compute.dtype), decided by the scheduler; unset where they differ (the files' dtype)"))
 
     @model_validator(mode="after")
     def _ranks(self) -> "TensorGroup":

@@ -85,7 +85,7 @@ def desired_shards(deployment: ModelDeployment, plan: PlacementPlan, *, revision
         if assignment.tensor_nodes:
             tensor = TensorGroup(rank=assignment.tensor_rank, size=len(assignment.tensor_nodes), peers=[
                 TensorPeer(node=node, address=f"{(hosts or {}).get(node, '127.0.0.1')}:{ring_ports(name, rank=rank)[0]}")
-                for rank, node in enumerate(assignment.tensor_nodes)])
+                for rank, node in enumerate(assignment.tensor_nodes)], computeDtype=assignment.tensor_dtype or None)
             name += f"-t{assignment.tensor_rank}" if assignment.tensor_rank else ""
         labels = {"exo.dev/deployment": deployment.metadata.name,
                   "exo.dev/namespace": deployment.metadata.namespace or "default",

@@ -7,7 +7,7 @@ on CPU nodes fp32 can decode faster than bf16 despite twice the bytes; on GPUs b
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,27 +114,13 @@ def loader_in(compute_dtype: str, loader: Callable[..., Any]) -> Callable[..., A
     return load
 
 
-def node_dtypes(store: Any) -> dict[str, str]:
-    """Each Node's measured compute dtype in ``store`` (status.compute.dtype; "" where none)."""
-    nodes, _ = store.list("Node")
-    return {n["metadata"]["name"]: ((n.get("status") or {}).get("compute") or {}).get("dtype") or "" for n in nodes}
-
-
-def tensor_loader_in(compute_dtype: str, loader: Callable[..., Any], *,
-                     node_dtypes: Callable[[], Mapping[str, str]]) -> Callable[..., Any]:
+def tensor_loader_in(loader: Callable[..., Any]) -> Callable[..., Any]:
     """``loader_in`` for tensor ranks. The ranks of a group must hold one dtype (their all-sums add
-    arrays element by element), so a rank takes this node's ``compute_dtype`` only where every
-    rank's node reports the same one in ``node_dtypes()`` (node name -> Node status
-    compute.dtype); a group whose nodes measured differently loads the files' dtype, on every rank
-    alike (a node with another dtype never widens)."""
-    if not compute_dtype:
-        return loader
-    measured = loader_in(compute_dtype, loader)
+    arrays element by element), so a rank does not follow its own node's measurement: it loads in
+    the dtype the scheduler wrote for the whole group (``group.computeDtype``, set only where every
+    rank's node measured the same one), or in the files' dtype where that is unset."""
 
     async def load(path: Path, *, group: Any, **kwargs: Any) -> Any:
-        dtypes = node_dtypes()
-        if all(dtypes.get(peer.node) == compute_dtype for peer in group.peers):
-            return await measured(path, group=group, **kwargs)
-        return await loader(path, group=group, **kwargs)
+        return await loader_in(group.computeDtype or "", loader)(path, group=group, **kwargs)
 
     return load

@@ -38,6 +38,7 @@ class ShardAssignment(Frozen):
     overhead_bytes: int = Field(default=0, ge=0)  # activations + runtime baseline
     tensor_rank: int = Field(default=0, ge=0)
     tensor_nodes: list[str] = Field(default_factory=list, description="the stage's tensor group, in rank order")
+    tensor_dtype: str = Field(default="", description="the dtype the group's ranks load in; \"\": the files'")
 
     @property
     def layers(self) -> LayerRange:

@@ -5,8 +5,10 @@ layers over groups as if each were one node offering N × its smallest member's 
 per-rank overhead), then every stage is expanded into N ranks, each holding 1/N of the stage's
 layer weights and KV cache (embeddings and head are not split by mlx-lm) and checked against its
 own node. Current groups are kept whole when all their nodes are still eligible. A group whose
-nodes all compute in one wider dtype (Node status.compute.dtype) is planned at that width, as its
-ranks load (reconciler.runtime.cpu_profile.tensor_loader_in); a mixed group at the files' width.
+nodes all compute in one dtype (Node status.compute.dtype) is planned at that width and its rank
+Shards carry it (spec.tensor.computeDtype), which is what the ranks load in
+(reconciler.runtime.cpu_profile.tensor_loader_in); a mixed group is planned and loaded at the
+files' width. The decision is made here only, so the plan and the loaded bytes cannot disagree.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def place_tensor_groups(*, deployment: ModelDeployment, nodes: list[Node], shard
         weights = (a.memory_bytes - layers) + -(-layers // ranks)
         for rank, node in enumerate(group):
             rank_shard = a.model_copy(update={"node": node, "memory_bytes": weights, "tensor_rank": rank,
-                                              "kv_cache_bytes": -(-a.kv_cache_bytes // ranks), "tensor_nodes": group})
+                                              "kv_cache_bytes": -(-a.kv_cache_bytes // ranks), "tensor_nodes": group,
+                                              "tensor_dtype": group_dtype[a.node]})
             need = weights + rank_shard.kv_cache_bytes + a.overhead_bytes
             if need > free[node]:
                 return PlacementPlan(assignments=assignments, reason=(

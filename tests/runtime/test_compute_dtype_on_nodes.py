@@ -108,6 +108,7 @@ def test_tensor_ranks_load_and_answer_in_the_dtype_their_nodes_measured(cluster,
         asked = wait_serving(entry, "ranks-bf16", stages=2, timeout=150)
         scale = {"bfloat16": 1, "float32": 2}[dtype]
         for rank, bf16 in zip(sorted(measured, key=_rank), sorted(asked, key=_rank)):
+            assert rank["spec"]["tensor"]["computeDtype"] == dtype  # the scheduler's one decision
             loaded = rank["status"]["bytesLoaded"]
             assert abs(loaded - scale * bf16["status"]["bytesLoaded"]) <= 0.05 * loaded, (rank, bf16)
             # The plan counts the rank at the width it loads in, as it does a pipeline stage.

@@ -119,21 +119,20 @@ def test_the_memory_plan_counts_the_bytes_of_the_dtype_a_node_loads_in(planned, 
     assert compute_scale(planned, node_dtype=node, requested=requested) == scale
 
 
-@pytest.mark.parametrize(("dtypes", "loaded"), [
-    ({"a": "float32", "b": "float32"}, "float32"),  # the whole group computes fastest in float32
-    ({"a": "float32", "b": "bfloat16"}, None),  # mixed: every rank keeps the files' dtype
-    ({"a": "float32"}, None),  # a rank's node that reports nothing counts as different
+@pytest.mark.parametrize(("group_dtype", "loaded"), [
+    ("float32", "float32"),  # the scheduler found the whole group computes fastest in float32
+    (None, None),  # mixed nodes: every rank keeps the files' dtype
 ])
-def test_tensor_ranks_widen_only_where_every_rank_s_node_measured_the_same_dtype(tmp_path, dtypes, loaded):
+def test_tensor_ranks_load_in_the_dtype_the_scheduler_wrote_for_their_group(tmp_path, group_dtype, loaded):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
-    group = TensorGroup(rank=0, size=2, peers=[{"node": "a", "address": "127.0.0.1:1"},
-                                               {"node": "b", "address": "127.0.0.1:2"}])
+    group = TensorGroup(rank=0, size=2, computeDtype=group_dtype,
+                        peers=[{"node": "a", "address": "127.0.0.1:1"}, {"node": "b", "address": "127.0.0.1:2"}])
     seen = []
 
     async def loader(path, *, dtype, group, start):
         seen.append(dtype)
 
-    load = tensor_loader_in("float32", loader, node_dtypes=lambda: dtypes)
+    load = tensor_loader_in(loader)
     asyncio.run(load(tmp_path, dtype=None, group=group, start=0))
     asyncio.run(load(tmp_path, dtype="bfloat16", group=group, start=0))  # spec.model.dtype always wins
     assert seen == [loaded, "bfloat16"]

@@ -6,6 +6,7 @@ from exo_ctl.api.resources import (
 )
 from reconciler.models import ModelProfile
 from reconciler.models.memory import RUNTIME_BASELINE_BYTES
+from reconciler.controllers.scheduler import desired_shards
 from reconciler.scheduler import place
 
 GIB = 1024**3
@@ -78,8 +79,13 @@ def test_tensor_ranks_are_planned_at_their_group_s_common_dtype_and_a_mixed_grou
         plan = place(deployment=md, nodes=[node("a", 20, dtype=dtype_a), node("b", 20, dtype=dtype_b)], shards=[],
                      profile=profile())
         assert plan.schedulable, plan.reason
-        return sorted(a.memory_bytes for a in plan.assignments)
+        # What the ranks will load in is what was planned, written into every rank's Shard.
+        shards = desired_shards(md, plan, hosts={"a": "127.0.0.1", "b": "127.0.0.1"})
+        loads = {body["spec"]["tensor"].get("computeDtype") for body in shards.values()}
+        assert len(shards) == 2 and len(loads) == 1
+        return sorted(a.memory_bytes for a in plan.assignments), loads.pop()
 
-    assert ranks("float32", "float32") == [8 * GIB, 8 * GIB]  # 8 bf16 layers, halved, widened
-    assert ranks("bfloat16", "bfloat16") == [4 * GIB, 4 * GIB]
-    assert ranks("float32", "bfloat16") == [4 * GIB, 4 * GIB]  # every rank loads the files' dtype
+    assert ranks("float32", "float32") == ([8 * GIB, 8 * GIB], "float32")  # 8 bf16 layers, halved, widened
+    assert ranks("bfloat16", "bfloat16") == ([4 * GIB, 4 * GIB], "bfloat16")
+    assert ranks("float32", "bfloat16") == ([4 * GIB, 4 * GIB], None)  # every rank loads the files' dtype
+    assert ranks("", "") == ([4 * GIB, 4 * GIB], None)

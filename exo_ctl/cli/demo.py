@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -207,7 +208,7 @@ class DemoCluster:
     def _wait_started(self, node: DemoNode) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self.procs[node.name].poll() is not None:
+            if _poll(self.procs[node.name]) is not None:
                 raise CliError(f"{node.name} exited with status {self.procs[node.name].returncode}:\n"
                                f"{self.log_tail(node)}", raw=True)
             try:
@@ -227,12 +228,12 @@ class DemoCluster:
         return "\n".join("    " + line for line in text[-lines:])
 
     def exited(self) -> list[str]:
-        return [f"{name} (status {p.returncode})" for name, p in self.procs.items() if p.poll() is not None]
+        return [f"{name} (status {p.returncode})" for name, p in self.procs.items() if _poll(p) is not None]
 
     def stop(self) -> list[str]:
         """SIGTERM every node, wait for clean exits (SIGKILL after STOP_TIMEOUT); problems as lines."""
         for proc in self.procs.values():
-            if proc.poll() is None:
+            if _poll(proc) is None:
                 proc.send_signal(signal.SIGTERM)
         problems, deadline = [], time.monotonic() + STOP_TIMEOUT
         for name, proc in self.procs.items():
@@ -314,7 +315,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     secret = secrets.token_urlsafe(24)
     cluster = DemoCluster(nodes=nodes, secret=secret, out=out)
     config = ConfigSwap(config_path())
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    INTERRUPTS.pending = None
+    previous_int = signal.signal(signal.SIGINT, INTERRUPTS.handler)
+    previous_term = signal.signal(signal.SIGTERM, INTERRUPTS.handler)
     serving = False
     try:
         from exo_ctl.model_builder.build_model import build_model
@@ -341,30 +344,66 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         config.install(server=nodes[0].url, token=admin)
         serving = True  # before the summary: a Ctrl-C right after it still counts as a clean stop
         print(serving_summary(nodes[0], inference, config_file=config.path, dashboard_token=view), file=out, flush=True)
-        # From here Ctrl-C and SIGTERM only ask the loop to end. A KeyboardInterrupt raised inside
-        # Popen.poll() can leave its internal lock held, and the later wait() in stop() then hangs.
-        asked: list[int] = []
-        signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
-        signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
         reported: set[str] = set()
-        while not asked:
-            for gone in set(cluster.exited()) - reported:
-                print(f"exoctl demo: warning: node {gone} exited; see its log in {data_dir}", file=out, flush=True)
-                reported.add(gone)
-            time.sleep(0.5)
+        with INTERRUPTS.held_off():  # Ctrl-C and SIGTERM end the loop, and it ends in KeyboardInterrupt
+            while INTERRUPTS.pending is None:
+                for gone in set(cluster.exited()) - reported:
+                    print(f"exoctl demo: warning: node {gone} exited; see its log in {data_dir}", file=out,
+                          flush=True)
+                    reported.add(gone)
+                time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C or SIGTERM must not cut the shutdown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _say(out, "\nexoctl demo: stopping the nodes...")
         problems = cluster.stop()
         restored = config.restore()
         for line in problems + ([restored] if restored else []):
             _say(out, f"exoctl demo: {line}")
         signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous_int)
     _say(out, f"exoctl demo: stopped {len(cluster.procs)} nodes")
     return EXIT_OK if serving and not problems else (EXIT_INTERRUPTED if not serving else 1)
+
+
+def _poll(proc: subprocess.Popen[bytes]) -> int | None:
+    """``proc.poll()`` with Ctrl-C and SIGTERM held off until it returns. CPython's poll takes its
+    waitpid lock before its ``try``, so a KeyboardInterrupt raised there would leave the lock held
+    and every later ``wait()`` of that process hung (a demo that never stops its nodes)."""
+    with INTERRUPTS.held_off():
+        return proc.poll()
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, except inside ``held_off()``: there the signal is
+    recorded and raised when the block ends. Python runs signal handlers in the main thread at any
+    bytecode, so this holds whichever thread the signal reached."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.pending: int | None = None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.held:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def held_off(self) -> Iterator[None]:
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+        if not self.held and self.pending is not None:
+            self.pending = None
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
 
 
 def _say(out: Any, line: str) -> None:
@@ -373,7 +412,3 @@ def _say(out: Any, line: str) -> None:
         print(line, file=out, flush=True)
     except OSError:
         pass
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt

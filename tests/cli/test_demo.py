@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from exo_ctl.cli.demo import port_in_use
+from exo_ctl.cli.demo import INTERRUPTS, _poll, port_in_use
 from harness.cluster import free_port_block, time_wait_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +130,57 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
             again.wait()
         print("".join(seen_again))
     assert node_processes(data_dir) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_nodes_start_stops_the_ones_started_and_exits_130(user_env, tmp_path):
+    port = free_port_block(set(), size=9)
+    data_dir = tmp_path / "demo"
+    demo = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
+    seen: list[str] = []
+    try:
+        lines = lines_of(demo)
+        wait_for_line(lines, "started demo-0", seen, timeout=60)
+        demo.send_signal(signal.SIGINT)  # demo-1 is starting: the demo polls it and its /readyz
+        wait_for_line(lines, "exoctl demo: stopped", seen, timeout=30)
+        assert demo.wait(30) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        print("".join(seen))
+    assert not [line for line in seen if "Traceback" in line]
+    assert node_processes(data_dir) == []
+
+
+class Exiting:
+    """A process whose poll() is where a Ctrl-C lands."""
+    def __init__(self):
+        self.polled = False
+
+    def poll(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while INTERRUPTS.pending is None and time.monotonic() < deadline:  # until Python has run the handler
+            time.sleep(0.001)
+        self.polled = True
+        return 0
+
+
+def test_a_ctrl_c_during_a_process_poll_is_raised_once_the_poll_has_returned():
+    previous = signal.signal(signal.SIGINT, INTERRUPTS.handler)
+    proc = Exiting()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _poll(proc)
+        assert proc.polled  # the poll ran to its end (CPython's would release its waitpid lock)
+        assert INTERRUPTS.pending is None and INTERRUPTS.held == 0
+        with pytest.raises(KeyboardInterrupt):  # outside a poll, Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def time_wait_port() -> int:

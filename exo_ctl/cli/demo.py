@@ -198,7 +198,7 @@ class DemoCluster:
                        "--host", HOST, "--api-port", str(node.api_port), "--no-discovery", "--log-level", "INFO"]
             if node is not entry:
                 command += ["--peers", f"{HOST}:{entry.api_port}"]
-            with open(self.log_path(node), "ab") as log:
+            with open(self.log_path(node), "ab") as log, INTERRUPTS.held_off():  # started and recorded, or neither
                 self.procs[node.name] = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                     start_new_session=True, preexec_fn=_die_with_parent)  # Ctrl-C reaches the demo only

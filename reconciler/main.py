@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default 256Mi), so serving weights never starves inference")
     parser.add_argument("--weights-fetch-parallel", type=int, default=4, metavar="N",
                         help="byte ranges of weights this node fetches at once from peers and the hub (default 4)")
+    parser.add_argument("--model-info-retention", type=float, default=3600.0, metavar="S",
+                        help="as leader: delete a model's ModelInfo (its metadata and digests in the replicated "
+                             "state) once no deployment, shard or node copy has referred to it for S seconds "
+                             "(default 3600)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -126,8 +130,9 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
     except ValueError as exc:
         raise ConfigError(f"--label: {exc}") from None
     for flag, value in (("--node-timeout", args.node_timeout), ("--node-grace", args.node_grace),
-                        ("--request-idle-timeout", args.request_idle_timeout)):
-        if value <= 0:
+                        ("--request-idle-timeout", args.request_idle_timeout),
+                        ("--model-info-retention", args.model_info_retention)):
+        if not value > 0:  # also NaN
             raise ConfigError(f"{flag}: must be positive, got {value:g}")
     if args.max_concurrent_requests < 1:
         raise ConfigError(f"--max-concurrent-requests: must be at least 1, got {args.max_concurrent_requests}")
@@ -164,7 +169,8 @@ def node_options(args: argparse.Namespace) -> "NodeOptions":
                        max_batch_size=args.max_batch_size,
                        model_cache=Path(args.model_cache).expanduser() if args.model_cache else None,
                        model_cache_size=cache_size, weights_serve_rate=serve_rate,
-                       weights_fetch_parallel=args.weights_fetch_parallel)
+                       weights_fetch_parallel=args.weights_fetch_parallel,
+                       model_info_retention=args.model_info_retention)
 
 
 async def serve(config: NodeConfig, options: "NodeOptions") -> None:

@@ -19,7 +19,7 @@ from reconciler import tls as cluster_tls
 from reconciler.cluster_keys import cluster_keys
 from reconciler.config import MODEL_CACHE_DIR, NodeConfig
 from reconciler.controllers.manager import ControllerManager
-from reconciler.controllers.model_info import ModelInfoPublisher
+from reconciler.controllers.model_info import DEFAULT_RETENTION_SECONDS, ModelInfoCollector, ModelInfoPublisher
 from reconciler.controllers.node_lifecycle import NodeLifecycleController
 from reconciler.controllers.node_registration import NodeIdentity, NodeRegistrar
 from reconciler.controllers.scheduler import SchedulerController
@@ -79,6 +79,7 @@ class NodeOptions:
     model_cache_size: int | None = None     # --model-cache-size: bytes the model cache holds at most (None: no limit)
     weights_serve_rate: int = 256 << 20     # --weights-serve-rate: bytes/s served to peers at most
     weights_fetch_parallel: int = 4         # --weights-fetch-parallel: ranges fetched at once
+    model_info_retention: float = DEFAULT_RETENTION_SECONDS  # --model-info-retention: unreferenced ModelInfo kept
 
 
 class ExoNode:
@@ -219,7 +220,8 @@ class ExoNode:
                                       tensor_loader=tensor_loader_in(open_tensor_shard))
         self._controllers = ControllerManager(
             store=store, controllers=[self.lifecycle, SchedulerController(store=store, node_name=config.name),
-                                      self.shard_agent, ModelInfoPublisher(store=store, node_name=config.name)],
+                                      self.shard_agent, ModelInfoPublisher(store=store, node_name=config.name),
+                                      ModelInfoCollector(store=store, retention=options.model_info_retention)],
             observer=self.metrics.observe_reconcile)
         self._controllers.start()
         self.consistency = ConsistencyChecker(store=store, secret=config.keys.member, node_name=config.name,

@@ -24,10 +24,18 @@ def test_serving_flags_default_to_a_minute_of_idleness_and_128_token_prefill_ste
     assert (options.request_idle_timeout, options.prefill_chunk) == (2.5, 512)
 
 
+def test_an_unreferenced_model_info_is_kept_an_hour_unless_the_flag_says_otherwise():
+    assert node_options(parse_args([])).model_info_retention == 3600.0
+    assert node_options(parse_args(["--model-info-retention", "60"])).model_info_retention == 60.0
+
+
 @pytest.mark.parametrize(("argv", "flag"), [(["--max-concurrent-requests", "0"], "--max-concurrent-requests"),
                                             (["--max-queued-requests", "-1"], "--max-queued-requests"),
                                             (["--request-idle-timeout", "0"], "--request-idle-timeout"),
-                                            (["--prefill-chunk", "0"], "--prefill-chunk")])
+                                            (["--prefill-chunk", "0"], "--prefill-chunk"),
+                                            (["--model-info-retention", "0"], "--model-info-retention"),
+                                            (["--model-info-retention", "nan"], "--model-info-retention"),
+                                            (["--node-grace", "nan"], "--node-grace")])
 def test_an_admission_flag_out_of_range_is_a_config_error_naming_it(argv, flag):
     with pytest.raises(ConfigError, match=f"^{flag}: "):
         node_options(parse_args(argv))

@@ -8,6 +8,10 @@ serves can be checked. The first writer wins; a 409 means another node was first
 filled by the node the record came from, or by any node holding the same files when that node is
 gone. The scheduler writes the record itself when the leader holds the model (see
 ``reconciler.controllers.scheduler``), or reads it from the hub.
+
+The leader's ``ModelInfoCollector`` deletes a record that nothing has referred to for a while (no
+ModelDeployment asks for the model, no Shard serves it, no Node's status lists a copy), so the
+replicated state does not grow with every model ever deployed.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from reconciler.store.base import Store, StoreError, make_command
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 30.0  # a copy that could not be read is read again after this long
+DEFAULT_RETENTION_SECONDS = 3600.0  # --model-info-retention: an unreferenced record is kept this long
 
 LocalInfo = Callable[..., "ModelInfoSpec | None"]
 
@@ -182,3 +187,59 @@ class ModelInfoPublisher(Controller):
             return True  # changed under us (another node filled it): the next pass looks again
         log.info("ModelInfo %s: tensor digests added from this node's copy", obj["metadata"]["name"])
         return True
+
+
+def model_infos_in_use(store: Store) -> set[str]:
+    """Names of the ModelInfo records something refers to: a ModelDeployment's or a Shard's model,
+    or a copy some Node lists in status.cachedModels (re-deploying it needs no hub then)."""
+    names = {model_info_name(source, revision) for source, revision in deployed_models(store)}
+    for raw in store.list("Shard")[0]:
+        model = (raw.get("spec") or {}).get("model") or {}
+        if isinstance(model.get("source"), str):
+            names.add(model_info_name(model["source"], model.get("revision")))
+    for raw in store.list("Node")[0]:
+        for cached in ((raw.get("status") or {}).get("cachedModels") or []):
+            if isinstance(cached, dict) and isinstance(cached.get("name"), str):
+                names.add(cached["name"])
+    return names
+
+
+class ModelInfoCollector(Controller):
+    """On the leader: deletes each ModelInfo that ``model_infos_in_use`` has not named for
+    ``retention`` seconds. The time is this leader's own; a new leader starts counting again, so a
+    failover can only keep a record longer. The delete is conditional on the record's
+    resourceVersion, so a record rewritten meanwhile (its digests filled) waits another pass."""
+
+    name = "model-info-gc"
+    watches = ("ModelDeployment", "Shard", "Node", MODEL_INFO_KIND)
+    leader_only = True
+
+    def __init__(self, *, store: Store, retention: float = DEFAULT_RETENTION_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.retention, self.clock = store, retention, clock
+        self.resync_seconds = min(30.0, max(0.5, retention / 4))  # a record is deleted soon after its time
+        self._unused_since: dict[str, float] = {}
+
+    def stop(self) -> None:
+        self._unused_since.clear()
+
+    async def reconcile(self) -> None:
+        in_use, now = model_infos_in_use(self.store), self.clock()
+        records = self.store.list(MODEL_INFO_KIND)[0]
+        present = {record["metadata"]["name"] for record in records}
+        self._unused_since = {name: since for name, since in self._unused_since.items()
+                              if name in present and name not in in_use}  # a reference restarts the count
+        for record in records:
+            name = record["metadata"]["name"]
+            if name in in_use or now - self._unused_since.setdefault(name, now) < self.retention:
+                continue
+            try:
+                await self.store.submit(make_command("delete", (MODEL_INFO_KIND, "", name),
+                                                     expected_rv=record["metadata"]["resourceVersion"]))
+            except StoreError as error:
+                if error.code not in (404, 409):
+                    raise
+                continue
+            self._unused_since.pop(name, None)
+            log.info("ModelInfo %s: deleted; no deployment, shard or node copy has referred to %s for %.0fs",
+                     name, (record.get("spec") or {}).get("source", name), self.retention)

@@ -11,6 +11,7 @@ from huggingface_hub import constants
 from exo_ctl.model_builder.build_model import build_model
 from reconciler.controllers.manager import ControllerManager
 from reconciler.controllers.model_info import (
+    ModelInfoCollector,
     ModelInfoPublisher,
     create_model_info,
     has_digests,
@@ -21,7 +22,7 @@ from reconciler.controllers.scheduler import SchedulerController
 from reconciler.models.catalog import ModelNotFound
 from reconciler.models.hub import HubUnreachable, ModelAccessDenied
 from reconciler.models.metadata import profile_from_directory
-from reconciler.models.model_info import MODEL_INFO_KIND, info_from_directory, profile_from_info
+from reconciler.models.model_info import MODEL_INFO_KIND, info_from_directory, model_info_name, profile_from_info
 from reconciler.store.base import make_command
 from reconciler.store.memory import MemoryStore
 from tests.controllers.test_scheduler import add_node, md_body, node_body
@@ -264,3 +265,116 @@ async def test_through_a_loopback_hub_a_private_model_names_the_token_and_a_publ
     assert spec.origin == "hub" and spec.commit == hub.commit("org/tiny")
     assert profile_from_info(spec).model_dump(exclude={"name"}) == profile_from_directory(tiny_model).model_dump(
         exclude={"name"})
+
+
+# --- the collector -----------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+async def recorded(tiny_model, store):
+    """The tiny model's ModelInfo (from headers) in ``store``; its name."""
+    spec = info_from_directory(tiny_model, source=str(tiny_model), revision=None, origin="node/a", digests=False)
+    await create_model_info(store, spec)
+    return model_info_name(str(tiny_model), None)
+
+
+async def test_a_model_info_nothing_refers_to_is_deleted_after_the_retention_and_not_before(tiny_model):
+    store = await deployed(tiny_model)
+    name = await recorded(tiny_model, store)
+    clock = Clock()
+    collector = ModelInfoCollector(store=store, retention=60, clock=clock)
+    await collector.reconcile()
+    clock.now = 1000
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None  # deployed: kept however long
+
+    await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
+    await collector.reconcile()  # unreferenced from now (1000)
+    clock.now = 1059
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None
+    clock.now = 1060
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is None
+
+
+async def test_a_reference_restarts_the_count(tiny_model):
+    store = await deployed(tiny_model)
+    name = await recorded(tiny_model, store)
+    await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
+    clock = Clock()
+    collector = ModelInfoCollector(store=store, retention=60, clock=clock)
+    await collector.reconcile()
+    clock.now = 50
+    await store.submit(make_command("apply", ("ModelDeployment", "default", "again"),
+                                    body=md_body(tiny_model, name="again")))
+    await collector.reconcile()
+    await store.submit(make_command("delete", ("ModelDeployment", "default", "again")))
+    clock.now = 100
+    await collector.reconcile()
+    clock.now = 159
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None  # 59 s unreferenced since the last one
+    clock.now = 160
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is None
+
+
+async def test_a_shard_or_a_node_s_copy_keeps_the_record(tiny_model):
+    store = await deployed(tiny_model)
+    name = await recorded(tiny_model, store)
+    await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
+    shard = {"apiVersion": "exo.dev/v1alpha1", "kind": "Shard", "metadata": {"name": "tiny-r0-s0"},
+             "spec": {"model": {"source": str(tiny_model)}, "nodeName": "a"}}  # still draining
+    await store.submit(make_command("create", ("Shard", "", "tiny-r0-s0"), body=shard))
+    node = store.get(("Node", "", "a"))
+    cached = {"name": name, "source": "hf://org/tiny", "bytes": 1, "complete": False, "parts": ["0-1"]}
+    await store.submit(make_command("status", ("Node", "", "a"),
+                                    body={**node, "status": {**node["status"], "cachedModels": [cached]}}))
+    clock = Clock()
+    collector = ModelInfoCollector(store=store, retention=60, clock=clock)
+    for step in range(3):
+        await collector.reconcile()
+        clock.now += 100
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None
+    await store.submit(make_command("delete", ("Shard", "", "tiny-r0-s0")))
+    for step in range(3):
+        await collector.reconcile()
+        clock.now += 100
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None  # the node's cache still holds parts of it
+    node = store.get(("Node", "", "a"))
+    await store.submit(make_command("status", ("Node", "", "a"),
+                                    body={**node, "status": {**node["status"], "cachedModels": []}}))
+    for step in range(3):
+        await collector.reconcile()
+        clock.now += 100
+    assert store.get((MODEL_INFO_KIND, "", name)) is None
+
+
+async def test_a_record_rewritten_while_it_was_judged_is_not_deleted_on_that_pass(tiny_model):
+    store = MemoryStore()
+    name = await recorded(tiny_model, store)
+    clock = Clock()
+    collector = ModelInfoCollector(store=store, retention=60, clock=clock)
+    await collector.reconcile()
+    clock.now = 100
+    stale = store.get((MODEL_INFO_KIND, "", name))
+    real_list = store.list
+
+    def listing(kind, *args, **kwargs):  # the pass judges the record as it was before the rewrite
+        return ([stale], 0) if kind == MODEL_INFO_KIND else real_list(kind, *args, **kwargs)
+
+    await store.submit(make_command("apply", (MODEL_INFO_KIND, "", name),
+                                    body={**stale, "metadata": {"name": name, "labels": {"touched": "yes"}}}))
+    store.list = listing
+    await collector.reconcile()  # its delete carries the old resourceVersion: a 409, no harm
+    store.list = real_list
+    assert store.get((MODEL_INFO_KIND, "", name)) is not None
+    await collector.reconcile()
+    assert store.get((MODEL_INFO_KIND, "", name)) is None

@@ -129,11 +129,20 @@ class DecodeBatch:
         self.rows = [self.rows[i] for i in rows]
 
 
+PIPELINE_GROUPS = 2  # a stage with a next one steps its requests in this many groups, alternating
+
+
+def group_rows(requests: int) -> int:
+    """Rows per step on a stage with a next one: one group of its requests, so while the next
+    stage runs one group, this one runs another (the stages of a pipeline compute at the same time)."""
+    return max(1, -(-requests // PIPELINE_GROUPS))
+
+
 class DecodeBatches:
     """A shard's merged decode batches, one per group of requests that step together (a stage
-    with a next one alternates two halves of its requests); compute thread only."""
+    with a next one alternates PIPELINE_GROUPS groups of its requests); compute thread only."""
 
-    def __init__(self, shard: Any, groups: int = 2) -> None:
+    def __init__(self, shard: Any, groups: int = PIPELINE_GROUPS) -> None:
         self.shard = shard
         self._batches = [DecodeBatch(shard) for _ in range(groups)]
 

@@ -43,7 +43,8 @@ from reconciler.datapath.wire import (
     tensor_to_array,
     write_frame,
 )
-from reconciler.datapath.batcher import DEFAULT_MAX_BATCH_SIZE, DecodeBatch, DecodeBatches, Job, ShardBatcher
+from reconciler.datapath.batcher import (DEFAULT_MAX_BATCH_SIZE, DecodeBatch, DecodeBatches, Job, ShardBatcher,
+                                         group_rows)
 from reconciler.datapath.sampled import token_meta
 from reconciler.datapath.sampling import RequestSampler
 from reconciler.runtime.shard_model import ShardModel
@@ -222,12 +223,6 @@ def _release(request: _Request) -> None:
     if request.batch is not None:
         request.batch.release(request, keep_cache=False)
     request.cache = None
-
-
-def _half(requests: int) -> int:
-    """Rows per step on a stage with a next one: half its requests, so while the next stage runs
-    one half, this one runs the other (the stages of a pipeline compute at the same time)."""
-    return max(1, -(-requests // 2))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
@@ -521,7 +516,7 @@ class StageServer:
                 run_rows=_compute_rows if batched else None, batches=DecodeBatches(shard) if batched else None,
                 deliver=self._deliver, max_batch_size=self.batch_limit(name),
                 observe=None if observer is None else lambda rows, waits: observer(name, rows, waits),
-                row_limit=None if shard.is_last else lambda limit: min(limit, _half(self.active_requests(name))),
+                row_limit=None if shard.is_last else lambda limit: min(limit, group_rows(self.active_requests(name))),
             )  # fmt: skip
             self._batchers[name] = batcher
         return batcher

@@ -142,6 +142,25 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+class _View:
+    """The Nodes and Shards of the store as they are now, parsed again only after a write: a
+    deployment is planned around the shards the same pass just wrote for another one, and over the
+    nodes there are after an await (reading a model's headers), not those there were before it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._revision: int | None = None
+        self._nodes: list[Node] = []
+        self._shards: list[Shard] = []
+
+    def now(self) -> tuple[list[Node], list[Shard]]:
+        if self._revision != self.store.revision:
+            self._nodes = [Node.model_validate(n) for n in self.store.list("Node")[0]]
+            self._shards = [Shard.model_validate(s) for s in self.store.list("Shard")[0]]
+            self._revision = self.store.revision
+        return self._nodes, self._shards
+
+
 class SchedulerController(Controller):
     name = "scheduler"
     watches = ("ModelDeployment", "Node", "Shard", MODEL_INFO_KIND)
@@ -272,8 +291,7 @@ class SchedulerController(Controller):
         for shard in shard_objects:
             owner = (shard["spec"]["deployment"], shard["spec"].get("deploymentUid"))
             shard_versions.setdefault(owner, []).append((shard["metadata"]["name"], shard["metadata"]["resourceVersion"]))
-        nodes: list[Node] | None = None
-        shards: list[Shard] | None = None
+        view = _View(self.store)
         live_keys = set()
         for raw in deployments:
             meta = raw["metadata"]
@@ -288,10 +306,7 @@ class SchedulerController(Controller):
             seen = self._inputs.get(owner)
             if seen is not None and seen[0] == inputs and now < seen[1]:
                 continue
-            if nodes is None or shards is None:
-                nodes = [Node.model_validate(n) for n in node_objects]
-                shards = [Shard.model_validate(s) for s in shard_objects]
-            settled_until = await self._reconcile_one(raw, ModelDeployment.model_validate(raw), nodes, shards)
+            settled_until = await self._reconcile_one(raw, ModelDeployment.model_validate(raw), view)
             if settled_until is None:
                 self._inputs.pop(owner, None)
             else:
@@ -304,10 +319,11 @@ class SchedulerController(Controller):
             if (shard["spec"]["deployment"], shard["spec"].get("deploymentUid")) not in live_keys:
                 await self._delete_shard(shard["metadata"]["name"])
 
-    async def _reconcile_one(self, raw: dict[str, Any], deployment: ModelDeployment,
-                             nodes: list[Node], shards: list[Shard]) -> float | None:
+    async def _reconcile_one(self, raw: dict[str, Any], deployment: ModelDeployment, view: _View) -> float | None:
         """Converge one deployment. Returns until when it is settled if nothing had to be written
         (forever, or until a missing model is looked for again), None when it wrote something."""
+        profile = await self.profile(deployment)  # may take a while (a first read): the nodes are read after it
+        nodes, shards = view.now()
         key, uid = deployment_key(deployment), deployment.metadata.uid
         all_ours = [s for s in shards if s.spec.deployment == key and s.spec.deploymentUid == uid]
         revision = max((shard_revision(s) for s in all_ours), default=0)
@@ -316,7 +332,6 @@ class SchedulerController(Controller):
         older = {s.metadata.name for s in all_ours} - ours.keys()
         problem: tuple[str, str] | None = None
         unused: dict[str, str] | None = None  # Spread: nodes left without layers, and why
-        profile = await self.profile(deployment)
         ready_nodes = {n.metadata.name for n in nodes if node_is_ready(n)}
         cordoned_nodes = {n.metadata.name for n in nodes if n.spec.unschedulable}
         if not isinstance(profile, ModelProfile):

@@ -200,3 +200,45 @@ async def test_a_shard_name_held_by_another_deployment_is_reported_not_taken(tin
     ready = condition(store, "Ready", name=clash)
     assert ready["status"] == "False" and ready["reason"] == "ShardNameConflict"
     assert taken in ready["message"] and "b/a" in ready["message"]
+
+
+async def test_a_node_that_turns_ready_while_the_pass_reads_the_model_gets_layers_in_that_pass(tiny_model):
+    """The first pass of a deployment reads the model's headers off the event loop; the nodes it
+    then plans over are the ones there are after that read, not before it."""
+    import asyncio
+
+    from reconciler.controllers.model_info import local_model_info
+
+    store = MemoryStore()
+    for name in ("a", "b"):
+        await add_node(store, name)
+    await store.submit(make_command("apply", ("ModelDeployment", "default", "tiny"), body=md_body(tiny_model)))
+    loop = asyncio.get_running_loop()
+
+    def slow_copy(*args, **kwargs):  # node c joins while the leader reads its own copy's headers
+        asyncio.run_coroutine_threadsafe(add_node(store, "c"), loop).result(timeout=10)
+        return local_model_info(*args, **kwargs)
+
+    await SchedulerController(store=store, local_info=slow_copy).reconcile()
+    assert [s["spec"]["nodeName"] for s in shards(store)] == ["a", "b", "c"]
+
+
+async def test_two_deployments_placed_in_one_pass_do_not_count_the_same_free_memory(tiny_model):
+    store = MemoryStore()
+    await add_node(store, "big", memory=64 * GiB)
+    await store.submit(make_command("apply", ("ModelDeployment", "default", "probe"),
+                                    body=md_body(tiny_model, name="probe")))
+    await SchedulerController(store=store).reconcile()
+    one = sum(s["spec"]["memoryBytes"] + s["spec"]["kvCacheBytes"] + s["spec"]["overheadBytes"]
+              for s in store.list("Shard")[0])
+    room = 512 * 2**20 + one + one // 2  # the default headroom and one deployment's stages, not two
+
+    store = MemoryStore()
+    for name in ("a", "b"):
+        await add_node(store, name, memory=room)
+    for name in ("first", "second"):
+        body = md_body(tiny_model, name=name, strategy="Pack")
+        await store.submit(make_command("apply", ("ModelDeployment", "default", name), body=body))
+    await SchedulerController(store=store).reconcile()
+    placed = {s["spec"]["deployment"]: s["spec"]["nodeName"] for s in store.list("Shard")[0]}
+    assert sorted(placed.values()) == ["a", "b"], placed  # one each: neither node holds both

@@ -314,6 +314,13 @@ class SchedulerController(Controller):
         for owner in list(self._inputs):
             if owner not in live_keys:
                 del self._inputs[owner]
+        # What this leader remembers per model goes with the model: a record the collector deleted
+        # (a new one gets a new uid), and the hub reads of models no deployment asks for.
+        records = {i["metadata"]["name"] for i in self.store.list(MODEL_INFO_KIND)[0]}
+        self._profiles = {key: value for key, value in self._profiles.items() if key[0] in records}
+        models = {(raw["spec"]["model"]["source"], raw["spec"]["model"].get("revision")) for raw in deployments}
+        self._reads_done = {key: count for key, count in self._reads_done.items() if key in models}
+        self._hub_reads = {source: task for source, task in self._hub_reads.items() if not task.done()}
         # Garbage-collect shards whose deployment is gone (or was deleted and recreated).
         for shard in shard_objects:
             if (shard["spec"]["deployment"], shard["spec"].get("deploymentUid")) not in live_keys:

@@ -378,3 +378,19 @@ async def test_a_record_rewritten_while_it_was_judged_is_not_deleted_on_that_pas
     assert store.get((MODEL_INFO_KIND, "", name)) is not None
     await collector.reconcile()
     assert store.get((MODEL_INFO_KIND, "", name)) is None
+
+
+async def test_the_scheduler_forgets_the_profile_of_a_collected_record(tiny_model):
+    store = await deployed(tiny_model)
+    scheduler = SchedulerController(store=store, node_name="a")
+    await scheduler.reconcile()
+    assert store.list("Shard")[0] and scheduler._profiles  # planned from the record it wrote
+    await store.submit(make_command("delete", ("ModelDeployment", "default", "tiny")))
+    await scheduler.reconcile()
+    clock = Clock()
+    collector = ModelInfoCollector(store=store, retention=60, clock=clock)
+    await collector.reconcile()
+    clock.now = 60
+    await collector.reconcile()
+    await scheduler.reconcile()
+    assert store.list(MODEL_INFO_KIND)[0] == [] and scheduler._profiles == {}

@@ -59,6 +59,7 @@ class ModelProfile(Frozen):
     layer_bytes: list[int]
     embedding_bytes: int = Field(ge=0)
     head_bytes: int = Field(ge=0, description="final norm + lm_head; no lm_head when tied")
+    lm_head_bytes: int = Field(default=0, ge=0, description="the untied lm_head alone (part of head_bytes)")
     total_bytes: int = Field(ge=0)
     dtype: str
     hidden_size: int = Field(ge=1)
@@ -189,6 +190,7 @@ def profile_from_headers(config: dict[str, Any], headers: list[tuple[str, dict[s
         layer_bytes=layer_bytes,
         embedding_bytes=embedding,
         head_bytes=head,
+        lm_head_bytes=0 if tied else lm_head,
         total_bytes=sum(layer_bytes) + embedding + head,
         dtype=dtype,
         hidden_size=_int_field(text, "hidden_size", where),
@@ -326,6 +328,7 @@ def profile_from_config(
         layer_bytes=[layer] * layers,
         embedding_bytes=embedding,
         head_bytes=head,
+        lm_head_bytes=0 if tied else matrix(vocab, hidden),
         total_bytes=layer * layers + embedding + head,
         dtype=dtype,
         hidden_size=hidden,

@@ -3,10 +3,11 @@
 Each stage runs on a group of N distinct nodes. The pipeline planner (``place_stages``) lays the
 layers over groups as if each were one node offering N × its smallest member's free memory (less
 per-rank overhead), then every stage is expanded into N ranks, each holding 1/N of the stage's
-layer weights and KV cache (embeddings and head are not split by mlx-lm) and checked against its
-own node. Current groups are kept whole when all their nodes are still eligible. A group whose
-nodes all compute in one dtype (Node status.compute.dtype) is planned at that width and its rank
-Shards carry it (spec.tensor.computeDtype), which is what the ranks load in
+layer weights and KV cache and of an untied float lm_head, which the ranks split by vocabulary
+rows (embeddings and norms are whole on every rank), and checked against its own node. Current
+groups are kept whole when all their nodes are still eligible. A group whose nodes all compute in
+one dtype (Node status.compute.dtype) is planned at that width and its rank Shards carry it
+(spec.tensor.computeDtype), which is what the ranks load in
 (reconciler.runtime.cpu_profile.tensor_loader_in); a mixed group is planned and loaded at the
 files' width. The decision is made here only, so the plan and the loaded bytes cannot disagree.
 """
@@ -61,6 +62,8 @@ def place_tensor_groups(*, deployment: ModelDeployment, nodes: list[Node], shard
         group = members[a.node]
         scale = compute_scale(profile.dtype, node_dtype=group_dtype[a.node], requested=spec.model.dtype)
         layers = int(sum(profile.layer_bytes[a.start:a.end]) * scale)  # as a.memory_bytes counts them
+        if a.end == profile.num_layers and _head_splits(profile, ranks=ranks):
+            layers += int(profile.lm_head_bytes * scale)
         weights = (a.memory_bytes - layers) + -(-layers // ranks)
         for rank, node in enumerate(group):
             rank_shard = a.model_copy(update={"node": node, "memory_bytes": weights, "tensor_rank": rank,
@@ -92,6 +95,14 @@ def _groups(ours: list[Shard], *, free: dict[str, int], ranks: int) -> list[list
     rest = sorted((n for n in free if n not in taken), key=lambda n: (-free[n], n))
     groups += [rest[i:i + ranks] for i in range(0, len(rest) - ranks + 1, ranks)]
     return groups
+
+
+def _head_splits(profile: ModelProfile, *, ranks: int) -> bool:
+    """Whether the ranks split the head by vocabulary rows, as the rank loader does
+    (reconciler.runtime.tensor_worker._shard_head): an untied float lm_head whose rows the group
+    divides. A tied embedding stays whole (the lookup needs every row), and so does a quantized head."""
+    return (profile.lm_head_bytes > 0 and profile.quantization_bits is None
+            and profile.vocab_size % ranks == 0)
 
 
 def _common(dtypes: set[str]) -> str:

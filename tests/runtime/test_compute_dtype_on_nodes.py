@@ -110,6 +110,8 @@ def test_tensor_ranks_load_and_answer_in_the_dtype_their_nodes_measured(cluster,
         for rank, bf16 in zip(sorted(measured, key=_rank), sorted(asked, key=_rank)):
             assert rank["spec"]["tensor"]["computeDtype"] == dtype  # the scheduler's one decision
             loaded = rank["status"]["bytesLoaded"]
+            for shard in (rank, bf16):  # the plan holds what the rank holds: its layers' and head's share
+                assert abs(shard["spec"]["memoryBytes"] - shard["status"]["bytesLoaded"]) <= 0.02 * loaded, shard
             assert abs(loaded - scale * bf16["status"]["bytesLoaded"]) <= 0.05 * loaded, (rank, bf16)
             # The plan counts the rank at the width it loads in, as it does a pipeline stage.
             assert abs(rank["spec"]["memoryBytes"] - scale * bf16["spec"]["memoryBytes"]) <= 0.01 * loaded, (rank, bf16)

@@ -54,6 +54,22 @@ def test_each_rank_holds_half_the_layer_weights_plus_the_unsplit_embeddings():
     assert [a.memory_bytes for a in plan.assignments] == [int(4 * GIB + 1 * GIB)] * 2
 
 
+def test_an_untied_float_head_is_split_like_the_layers_and_a_quantized_or_indivisible_one_is_not():
+    base = profile(8, layer_gib=1.0, embedding_gib=0.5, head_gib=0.5)
+    head = base.model_copy(update={"lm_head_bytes": int(0.5 * GIB) - 4096})  # the rest: the final norm
+
+    def ranks(prof):
+        plan = place(deployment=deployment(), nodes=[node("a", 16), node("b", 16)], shards=[], profile=prof)
+        assert plan.schedulable, plan.reason
+        return [a.memory_bytes for a in plan.assignments]
+
+    assert ranks(head) == [int(4 * GIB + 0.5 * GIB + 4096 + (0.5 * GIB - 4096) / 2)] * 2  # as the worker shards it
+    odd = head.model_copy(update={"vocab_size": head.vocab_size + 1})
+    assert ranks(odd) == ranks(base) == [int(4 * GIB + 1 * GIB)] * 2  # rows the group does not divide
+    quantized = head.model_copy(update={"quantization_bits": 4, "dtype": "4bit"})
+    assert ranks(quantized) == ranks(base)
+
+
 def test_a_model_too_big_for_one_group_is_piped_over_two_groups():
     plan = place(deployment=deployment(), nodes=[node(n, 5) for n in "abcd"], shards=[],
                  profile=profile(16, layer_gib=1.0))

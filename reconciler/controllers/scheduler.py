@@ -31,7 +31,8 @@ from typing import Any
 from exo_ctl.api.resources import ModelDeployment, Node, Shard, TensorGroup, TensorPeer
 from reconciler.controllers.deployment_status import REVISION_LABEL, deployment_status, placement_revision
 from reconciler.controllers.manager import Controller
-from reconciler.controllers.model_info import LocalInfo, create_model_info, local_model_info, stored_model_info
+from reconciler.controllers.model_info import (LocalInfo, create_model_info, deployed_models, local_model_info,
+                                               stored_model_info)
 from reconciler.models.catalog import info_profile, split_refusal_of
 from reconciler.models.hub import hub_model_info, hub_usable
 from reconciler.models.metadata import ModelMetadataError, ModelProfile
@@ -318,7 +319,7 @@ class SchedulerController(Controller):
         # (a new one gets a new uid), and the hub reads of models no deployment asks for.
         records = {i["metadata"]["name"] for i in self.store.list(MODEL_INFO_KIND)[0]}
         self._profiles = {key: value for key, value in self._profiles.items() if key[0] in records}
-        models = {(raw["spec"]["model"]["source"], raw["spec"]["model"].get("revision")) for raw in deployments}
+        models = set(deployed_models(self.store))
         self._reads_done = {key: count for key, count in self._reads_done.items() if key in models}
         self._hub_reads = {source: task for source, task in self._hub_reads.items() if not task.done()}
         # Garbage-collect shards whose deployment is gone (or was deleted and recreated).

@@ -321,14 +321,15 @@ def profile_from_config(
     mlp = 3 * matrix(intermediate, hidden) + (vector(2 * intermediate + hidden) if mlp_bias else 0)
     layer = attention + mlp + vector(2 * hidden)
     embedding = matrix(vocab, hidden)
-    head = vector(hidden) + (0 if tied else matrix(vocab, hidden))
+    lm_head = 0 if tied else matrix(vocab, hidden)
+    head = vector(hidden) + lm_head
     return ModelProfile(
         name=name,
         num_layers=layers,
         layer_bytes=[layer] * layers,
         embedding_bytes=embedding,
         head_bytes=head,
-        lm_head_bytes=0 if tied else matrix(vocab, hidden),
+        lm_head_bytes=lm_head,
         total_bytes=layer * layers + embedding + head,
         dtype=dtype,
         hidden_size=hidden,

@@ -216,7 +216,8 @@ def _shard_head(model: nn.Module, layout: Any, ring: Any) -> None:
     ``shard_linear``, where the family's ``shard`` left it whole: each rank computes its slice of
     the logits and mlx-lm's ``gather_last_axis`` joins them, so the head's work divides like the
     layers'. A head that is not a plain float ``Linear`` (or tied ``Embedding``), or a vocabulary
-    the group does not divide, stays whole: every rank then computes all of it."""
+    the group does not divide, stays whole: every rank then computes all of it. The planner counts
+    the head by the same rule (reconciler.scheduler.tensor_placement._head_splits)."""
     from reconciler.runtime.shard_model import _inner
 
     size = ring.size()

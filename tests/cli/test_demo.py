@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -62,6 +64,23 @@ def wait_for_line(lines: queue.Queue[str | None], text: str, seen: list[str], *,
     raise AssertionError(f"no {text!r} line after {timeout}s:\n" + "".join(seen))
 
 
+@contextmanager
+def running_demo(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str | None],
+                                                                   list[str]]]:
+    """``exoctl demo ARGS`` as a user starts it: (the process, its lines as they come, the lines
+    read so far); killed at the end if still running, its output printed."""
+    demo = subprocess.Popen([*EXOCTL, "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+    seen: list[str] = []
+    try:
+        yield demo, lines_of(demo), seen
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        print("".join(seen))
+
+
 def node_processes(data_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -80,11 +99,8 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
     before = config_file.read_bytes()
     port = free_port_block(set(), size=9)
     data_dir = tmp_path / "demo"
-    demo = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
-    seen: list[str] = []
-    try:
-        lines = lines_of(demo)
+    with running_demo(user_env, "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "8") as (
+            demo, lines, seen):
         wait_for_line(lines, "serving at", seen, timeout=120)
         assert len(node_processes(data_dir)) == 3
 
@@ -103,11 +119,6 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
         time.sleep(0.2)
         while (line := lines.get(timeout=5)) is not None:
             seen.append(line)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        print("".join(seen))
     assert "exoctl demo: stopped 3 nodes\n" in seen
     assert not [line for line in seen if "warning" in line or "Traceback" in line]
     assert node_processes(data_dir) == []
@@ -115,20 +126,12 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
 
     # Started again at once: the ports still hold TIME-WAIT connections, and that must not matter.
     assert time_wait_ports(range(port, port + 9)), "the first demo should leave connections in TIME-WAIT"
-    again = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
-    seen_again: list[str] = []
-    try:
-        lines_again = lines_of(again)
+    with running_demo(user_env, "--api-port", str(port), "--data-dir", str(data_dir), "--max-tokens", "2") as (
+            again, lines_again, seen_again):
         wait_for_line(lines_again, "serving at", seen_again, timeout=120)
         again.send_signal(signal.SIGINT)
         wait_for_line(lines_again, "exoctl demo: stopped 3 nodes", seen_again, timeout=30)
         assert again.wait(30) == 0
-    finally:
-        if again.poll() is None:
-            again.kill()
-            again.wait()
-        print("".join(seen_again))
     assert node_processes(data_dir) == []
 
 
@@ -136,20 +139,11 @@ def test_the_demo_serves_a_three_node_cluster_that_exoctl_reaches_without_flags_
 def test_ctrl_c_while_the_nodes_start_stops_the_ones_started_and_exits_130(user_env, tmp_path):
     port = free_port_block(set(), size=9)
     data_dir = tmp_path / "demo"
-    demo = subprocess.Popen([*EXOCTL, "demo", "--api-port", str(port), "--data-dir", str(data_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=user_env, cwd=ROOT)
-    seen: list[str] = []
-    try:
-        lines = lines_of(demo)
+    with running_demo(user_env, "--api-port", str(port), "--data-dir", str(data_dir)) as (demo, lines, seen):
         wait_for_line(lines, "started demo-0", seen, timeout=60)
         demo.send_signal(signal.SIGINT)  # demo-1 is starting: the demo polls it and its /readyz
         wait_for_line(lines, "exoctl demo: stopped", seen, timeout=30)
         assert demo.wait(30) == 130
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        print("".join(seen))
     assert not [line for line in seen if "Traceback" in line]
     assert node_processes(data_dir) == []
 
